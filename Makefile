@@ -1,0 +1,44 @@
+# `make run` serves on port 5013 (HOST/PORT override); `make test` runs the suite. Both set up what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check
+# torch is installed first and pinned: left to a resolver, it pulls a multi-GB build.
+TORCH := torch==2.13.0
+SYSTEM_PACKAGES := redis-server chromium curl
+
+.PHONY: run test bench lint system-deps clean
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH)
+	$(PIP) -r requirements.txt
+	touch $@
+
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PIP) -r requirements-test.txt
+	touch $@
+
+run: $(VENV)/.installed
+	$(VENV)/bin/gunicorn --config gunicorn.conf.py
+
+# Redis (async tests), Chromium (web page tests) and curl come from Debian's packages.
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
+	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
+	command -v curl >/dev/null || missing="$$missing curl"; \
+	if [ -n "$$missing" ]; then \
+		echo "installing Debian packages:$$missing"; \
+		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+test: $(VENV)/.test-installed system-deps
+	$(PY) -m pytest
+
+lint: $(VENV)/.test-installed
+	$(VENV)/bin/hadolint Dockerfile
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,191 @@
+"""Settings: one frozen value built from the environment, `.env` and the defaults below."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+from dotenv import dotenv_values
+
+# Defaults. Edit them here to change every deployment that does not override them
+# (precedence: environment, then `.env`, then these values).
+SVD_MODEL = None  # None: svd-xt when a GPU is found, else the tiny random-weight pipeline
+SVD_DEVICE = "auto"
+SVD_DTYPE = "auto"
+SVD_OFFLOAD = "none"
+SVD_FORWARD_CHUNKING = False
+SVD_COMPILE = False
+CUDA_VISIBLE_DEVICES = None
+VIDEO_WIDTH = None  # None: the model's own (1024x576 for SVD, 256x144 for tiny)
+VIDEO_HEIGHT = None
+VIDEO_FRAMES = None  # None: the model's own (svd 14, svd-xt 25, tiny 14)
+VIDEO_OUTPUT_PATH = "./data/videos"
+RESULT_TTL = 86400
+HOST = "0.0.0.0"
+PORT = 5013
+MAX_UPLOAD_MB = 20
+MAX_IMAGE_PIXELS = 40_000_000
+MAX_QUEUE = 8
+GENERATE_MODE = "sync"
+JOB_TIMEOUT = 1800
+REDIS_URL = None
+REDIS_HOST = None
+REDIS_PORT = 6379
+LOG_LEVEL = "info"
+
+
+class ConfigError(ValueError):
+    """A setting has a value that is not allowed."""
+
+
+def _text(value: str) -> str:
+    return value
+
+
+def _optional_text(value: str) -> str | None:
+    return value or None
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value.lower() not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}")
+        return value.lower()
+
+    return parse
+
+
+def _int(low: int, high: int | None = None, optional: bool = False) -> Callable[[str], int | None]:
+    def parse(value: str) -> int | None:
+        if optional and value == "":
+            return None
+        try:
+            number = int(value)
+        except ValueError:
+            raise ValueError("must be a whole number") from None
+        if number < low or (high is not None and number > high):
+            raise ValueError(f"must be between {low} and {high}" if high is not None else f"must be at least {low}")
+        return number
+
+    return parse
+
+
+def _bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+
+
+VARIABLES = (
+    Variable("SVD_MODEL", _optional_text, SVD_MODEL,
+             "`svd`, `svd-xt`, `svd-xt-1-1`, any Hugging Face repo id, a local diffusers folder, or `tiny` "
+             "(random weights, output is noise). Unset: `svd-xt` when a GPU is found, else `tiny`."),
+    Variable("SVD_DEVICE", _choice("auto", "cuda", "mps", "cpu"), SVD_DEVICE,
+             "`auto` picks cuda, then mps, then cpu."),
+    Variable("SVD_DTYPE", _choice("auto", "float16", "bfloat16", "float32"), SVD_DTYPE,
+             "`auto`: float16 (fp16 weights) on cuda, float32 elsewhere."),
+    Variable("SVD_OFFLOAD", _choice("none", "model", "sequential"), SVD_OFFLOAD,
+             "CPU offload for small cards (cuda only): `model` moves whole models, `sequential` layers."),
+    Variable("SVD_FORWARD_CHUNKING", _bool, SVD_FORWARD_CHUNKING,
+             "Chunk the UNet's feed-forward layers: less memory, a little slower."),
+    Variable("SVD_COMPILE", _bool, SVD_COMPILE, "torch.compile the UNet: faster steps after a slow first call."),
+    Variable("CUDA_VISIBLE_DEVICES", _optional_text, CUDA_VISIBLE_DEVICES,
+             "Which GPU(s) the process sees (read by CUDA; set it before the model loads)."),
+    Variable("VIDEO_WIDTH", _int(64, 2048, optional=True), VIDEO_WIDTH,
+             "Default `width` (the model's own when unset: 1024, tiny 256)."),
+    Variable("VIDEO_HEIGHT", _int(64, 2048, optional=True), VIDEO_HEIGHT,
+             "Default `height` (the model's own when unset: 576, tiny 144)."),
+    Variable("VIDEO_FRAMES", _int(14, 30, optional=True), VIDEO_FRAMES,
+             "Default `num_frames` (the model's own when unset: svd 14, svd-xt 25, tiny 14)."),
+    Variable("VIDEO_OUTPUT_PATH", _text, VIDEO_OUTPUT_PATH,
+             "Where task records, inputs and videos are written (`/data/videos` in the image)."),
+    Variable("RESULT_TTL", _int(1), RESULT_TTL, "Seconds a finished video stays downloadable."),
+    Variable("HOST", _text, HOST, "Address `make run` binds."),
+    Variable("PORT", _int(1, 65535), PORT, "Port `make run` binds."),
+    Variable("MAX_UPLOAD_MB", _int(1, 1024), MAX_UPLOAD_MB, "Largest request body, in MiB (413 beyond)."),
+    Variable("MAX_IMAGE_PIXELS", _int(4096), MAX_IMAGE_PIXELS,
+             "Largest input image, width x height (413 beyond); also Pillow's decompression-bomb limit."),
+    Variable("MAX_QUEUE", _int(0, 1000), MAX_QUEUE,
+             "Requests that may wait behind the running one; more get 503 at once."),
+    Variable("GENERATE_MODE", _choice("sync", "async"), GENERATE_MODE,
+             "What `POST /generate` does without a `Prefer` header."),
+    Variable("JOB_TIMEOUT", _int(1), JOB_TIMEOUT, "Seconds one generation may run."),
+    Variable("REDIS_URL", _optional_text, REDIS_URL, "Redis for scale-out, e.g. `redis://redis:6379/0`."),
+    Variable("REDIS_HOST", _optional_text, REDIS_HOST, "Redis host (seed form; `REDIS_URL` wins)."),
+    Variable("REDIS_PORT", _int(1, 65535), REDIS_PORT, "Redis port, with `REDIS_HOST`."),
+    Variable("LOG_LEVEL", _choice("debug", "info", "warning", "error"), LOG_LEVEL, "Log verbosity."),
+)
+
+
+@dataclass(frozen=True)
+class Settings:
+    svd_model: str | None
+    svd_device: str
+    svd_dtype: str
+    svd_offload: str
+    svd_forward_chunking: bool
+    svd_compile: bool
+    cuda_visible_devices: str | None
+    video_width: int | None
+    video_height: int | None
+    video_frames: int | None
+    video_output_path: str
+    result_ttl: int
+    host: str
+    port: int
+    max_upload_mb: int
+    max_image_pixels: int
+    max_queue: int
+    generate_mode: str
+    job_timeout: int
+    redis_url: str | None
+    redis_host: str | None
+    redis_port: int
+    log_level: str
+
+    @property
+    def redis(self) -> str | None:
+        """The Redis URL to use, or None for the embedded single-process mode."""
+        if self.redis_url:
+            return self.redis_url
+        if self.redis_host:
+            return f"redis://{self.redis_host}:{self.redis_port}/0"
+        return None
+
+
+def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> Settings:
+    """Build Settings from `environ` (default: the process environment) over `.env` over the defaults."""
+    source: dict[str, str] = {}
+    if dotenv_path and os.path.exists(dotenv_path):
+        source.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
+    source.update(os.environ if environ is None else environ)
+    values = {}
+    for var in VARIABLES:
+        raw = source.get(var.name)
+        if raw is None:
+            values[var.name.lower()] = var.default
+            continue
+        try:
+            values[var.name.lower()] = var.parse(raw.strip())
+        except ValueError as exc:
+            raise ConfigError(f"{var.name}={raw!r}: {exc}") from None
+    settings = Settings(**values)
+    if (settings.video_width is None) != (settings.video_height is None):
+        raise ConfigError("VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither")
+    for name in ("video_width", "video_height"):
+        if getattr(settings, name) is not None and getattr(settings, name) % 8:
+            raise ConfigError(f"{name.upper()}={getattr(settings, name)}: must be a multiple of 8")
+    return settings
+

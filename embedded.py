@@ -1,0 +1,205 @@
+"""The single-process backend: loads the model in the background and runs tasks one at a time, in order."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import time
+from collections import deque
+from typing import Callable
+
+from config import Settings
+from errors import GenerationTimeout, ModelNotReady, QueueFull, ServiceError, TaskCanceled
+from tasks import Task, TaskStatus, TaskStore, run_task
+
+log = logging.getLogger(__name__)
+
+INTERRUPTED = {"code": "interrupted", "message": "the service stopped while this task was running; submit it again"}
+CANCELED = {"code": "canceled", "message": "canceled by request"}
+
+
+class EmbeddedBackend:
+    """Tasks on disk under VIDEO_OUTPUT_PATH, run by one thread of this process."""
+
+    def __init__(self, settings: Settings, store: TaskStore, load: Callable):
+        self.settings = settings
+        self.store = store
+        self._load = load
+        self._cond = threading.Condition()
+        self._queue: deque[str] = deque()
+        self._active: dict[str, Task] = {}  # queued and started tasks, by id
+        self._cancel_requested: set[str] = set()
+        self._reserved = 0  # places taken by submissions still writing to disk
+        self._running: Task | None = None
+        self._stopping = False
+        self.generator = None
+        self.model_state = "loading"  # loading, ready, failed
+        self.model_error: str | None = None
+
+    def start(self) -> None:
+        self._recover()
+        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+        threading.Thread(target=self._run, name="task-runner", daemon=True).start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
+    def _recover(self) -> None:
+        """After a restart: queued async tasks run again; a task that was running ends `interrupted`.
+
+        A synchronous task's client is gone with the old process and never learned the id, so its task
+        ends `interrupted` too rather than spend the GPU on a video nobody will fetch.
+        """
+        for task in self.store.all_tasks():
+            if task.status is TaskStatus.QUEUED and task.mode == "async":
+                self._queue.append(task.task_id)
+                self._active[task.task_id] = task
+            elif not task.status.terminal:
+                task.finish(TaskStatus.FAILED, INTERRUPTED)
+                self.store.save(task)
+        if self._queue:
+            log.info("recovered %d queued task(s) from %s", len(self._queue), self.store.root)
+
+    def _load_model(self) -> None:
+        try:
+            generator = self._load(self.settings)
+        except Exception as exc:  # noqa: BLE001 - any failure leaves the process up and says why
+            log.exception("the model failed to load")
+            with self._cond:
+                self.model_state, self.model_error = "failed", f"{type(exc).__name__}: {exc}"
+                self._cond.notify_all()
+            return
+        with self._cond:
+            self.generator, self.model_state = generator, "ready"
+            self._cond.notify_all()
+        log.info("model ready: %s on %s (%s)", generator.model.label, generator.device, generator.dtype)
+
+    # --- submitting and reading -------------------------------------------------------------------
+
+    def submit(self, task: Task, image) -> Task:
+        """Put `task` in line; 503 when the model cannot take it or the line is full."""
+        with self._cond:
+            self._check_accepting(task)
+            self._reserved += 1
+        try:
+            self.store.create(task, image)
+        finally:
+            with self._cond:
+                self._reserved -= 1
+        with self._cond:
+            self._queue.append(task.task_id)
+            self._active[task.task_id] = task
+            self._cond.notify_all()
+            return copy.deepcopy(task)
+
+    def _check_accepting(self, task: Task) -> None:
+        if self.model_state == "failed":
+            raise ModelNotReady(f"the model failed to load: {self.model_error}", retry_after=60)
+        if self.model_state == "loading" and task.mode == "sync":
+            raise ModelNotReady("the model is still loading; try again shortly", retry_after=10)
+        waiting = len(self._queue) + self._reserved
+        if waiting >= self.settings.max_queue:
+            raise QueueFull(f"{waiting} requests are already waiting (MAX_QUEUE={self.settings.max_queue}); "
+                            "try again later", retry_after=30)
+
+    def get(self, task_id: str) -> Task | None:
+        with self._cond:
+            if task_id in self._active:
+                return copy.deepcopy(self._active[task_id])
+        return self.store.load(task_id)
+
+    def queue_position(self, task_id: str) -> int | None:
+        """1 for the task that runs next, None when it is not waiting."""
+        with self._cond:
+            return self._queue.index(task_id) + 1 if task_id in self._queue else None
+
+    def wait(self, task_id: str, timeout: float) -> Task | None:
+        """The task once it has ended, or as it stands when `timeout` seconds have passed."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while task_id in self._active:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return copy.deepcopy(self._active[task_id])
+                self._cond.wait(remaining)
+        return self.store.load(task_id)
+
+    def cancel(self, task_id: str) -> Task | None:
+        """A queued task ends `canceled` now; a running one at its next denoising step."""
+        with self._cond:
+            task = self._active.get(task_id)
+            if task is None:
+                return self.store.load(task_id)
+            if task.status is TaskStatus.QUEUED:
+                self._queue.remove(task_id)
+                self._end(task, TaskStatus.CANCELED, CANCELED)
+            else:
+                self._cancel_requested.add(task_id)
+            return copy.deepcopy(task)
+
+    def health(self) -> dict:
+        with self._cond:
+            info = {"status": {"ready": "ok"}.get(self.model_state, self.model_state),
+                    "waiting": len(self._queue), "running": int(self._running is not None)}
+            if self.generator is not None:
+                info.update(model=self.generator.model.label, device=self.generator.device,
+                            dtype=self.generator.dtype)
+            if self.model_error:
+                info["error"] = self.model_error
+            return info
+
+    # --- running ----------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._stopping and (self.model_state != "ready" or not self._queue):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                task = self._active[self._queue.popleft()]
+                task.status, task.started_at, task.phase = TaskStatus.STARTED, time.time(), "loading"
+                task.timings["queue_wait"] = task.started_at - task.created_at
+                self._running = task
+                self.store.save(task)
+            self._execute(task)
+
+    def _execute(self, task: Task) -> None:
+        deadline = time.monotonic() + self.settings.job_timeout
+        status, error = TaskStatus.FINISHED, None
+        try:
+            image = self.store.load_image(task.task_id)
+            run_task(self.generator, task, image, self.store.result_path(task),
+                     lambda phase, step, total: self._progress(task, deadline, phase, step, total))
+        except TaskCanceled:
+            status, error = TaskStatus.CANCELED, CANCELED
+        except ServiceError as exc:
+            status, error = TaskStatus.FAILED, {"code": exc.code, "message": exc.message}
+        except Exception:  # noqa: BLE001 - one task's failure must not stop the runner
+            log.exception("task %s failed", task.task_id)
+            status, error = TaskStatus.FAILED, {"code": "generation_failed",
+                                                "message": "generation failed; the server log has the details"}
+        with self._cond:
+            self._end(task, status, error)
+
+    def _progress(self, task: Task, deadline: float, phase: str, step: int, total: int) -> None:
+        with self._cond:
+            if task.task_id in self._cancel_requested:
+                raise TaskCanceled("canceled by request")
+            task.phase, task.step, task.total_steps = phase, step, total
+            self.store.save(task)
+        if time.monotonic() > deadline:
+            raise GenerationTimeout(f"the generation ran longer than JOB_TIMEOUT={self.settings.job_timeout} s")
+
+    def _end(self, task: Task, status: TaskStatus, error: dict | None) -> None:
+        """Record the end of `task` (the caller holds the lock) and wake whoever waits for it."""
+        task.finish(status, error)
+        self.store.save(task)
+        self._active.pop(task.task_id, None)
+        self._cancel_requested.discard(task.task_id)
+        if self._running is task:
+            self._running = None
+        self._cond.notify_all()

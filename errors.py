@@ -1,0 +1,101 @@
+"""The service's errors: each has an HTTP status and a stable machine code."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    """An error a client may see: rendered as JSON `{"error": {"code", "message", "field"?}}`."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, field: str | None = None, retry_after: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.retry_after = retry_after
+
+    def to_dict(self) -> dict:
+        body = {"code": self.code, "message": self.message}
+        if self.field:
+            body["field"] = self.field
+        return {"error": body}
+
+
+class BadRequest(ServiceError):
+    status, code = 400, "bad_request"
+
+
+class MissingImage(ServiceError):
+    status, code = 400, "missing_image"
+
+
+class InvalidImage(ServiceError):
+    status, code = 400, "invalid_image"
+
+
+class NotFound(ServiceError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowed(ServiceError):
+    status, code = 405, "method_not_allowed"
+
+
+class ResultExpired(ServiceError):
+    status, code = 410, "expired"
+
+
+class PayloadTooLarge(ServiceError):
+    status, code = 413, "payload_too_large"
+
+
+class ImageTooLarge(ServiceError):
+    status, code = 413, "image_too_large"
+
+
+class UnsupportedMediaType(ServiceError):
+    status, code = 415, "unsupported_media_type"
+
+
+class InvalidParameter(ServiceError):
+    status, code = 422, "invalid_parameter"
+
+
+class UnknownParameter(ServiceError):
+    status, code = 422, "unknown_parameter"
+
+
+class ModelNotReady(ServiceError):
+    status, code = 503, "model_not_ready"
+
+
+class QueueFull(ServiceError):
+    status, code = 503, "queue_full"
+
+
+class OutOfMemory(ServiceError):
+    status, code = 507, "out_of_memory"
+
+
+class GenerationTimeout(ServiceError):
+    status, code = 504, "timeout"
+
+
+class GenerationFailed(ServiceError):
+    status, code = 500, "generation_failed"
+
+
+class TaskCanceled(ServiceError):
+    status, code = 409, "canceled"
+
+
+# Failures stored on a task carry only a code and a message; this maps a code back to its error.
+BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ModelNotReady)}
+
+
+def from_code(code: str, message: str) -> ServiceError:
+    """The error for a failed task's stored code (unknown codes are generation failures)."""
+    error = BY_CODE.get(code, GenerationFailed)(message)
+    error.code = code
+    return error

@@ -1,0 +1,140 @@
+"""The one schema of generation parameters: validation, README's table and the API docs derive from it."""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from errors import InvalidParameter, UnknownParameter
+
+MAX_SEED = 2**32 - 1
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: type  # int, float or str
+    default: Any  # None: decided later (the model's own, or random for the seed)
+    help: str
+    minimum: float | None = None
+    maximum: float | None = None
+    choices: tuple[str, ...] = ()
+    multiple_of: int | None = None
+    default_text: str | None = None  # how README shows a default that is decided later
+
+    def allowed(self) -> str:
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        text = f"{_fmt(self.minimum)} to {_fmt(self.maximum)}"
+        if self.multiple_of:
+            text += f", a multiple of {self.multiple_of}"
+        return text
+
+    def parse(self, raw: str) -> Any:
+        """The typed value of `raw`, or InvalidParameter naming the field, the value and what is allowed."""
+        text = raw.strip()
+        if self.choices:
+            if text.lower() not in self.choices:
+                raise self._invalid(raw)
+            return text.lower()
+        try:
+            value = self.type(text)
+        except ValueError:
+            kind = "a whole number" if self.type is int else "a number"
+            raise InvalidParameter(f"`{self.name}` must be {kind} ({self.allowed()}), got {raw!r}",
+                                   field=self.name) from None
+        if isinstance(value, float) and not math.isfinite(value):
+            raise self._invalid(raw)
+        if not self.minimum <= value <= self.maximum or (self.multiple_of and value % self.multiple_of):
+            raise self._invalid(raw)
+        return value
+
+    def _invalid(self, raw: str) -> InvalidParameter:
+        return InvalidParameter(f"`{self.name}` must be {self.allowed()}, got {raw!r}", field=self.name)
+
+
+def _fmt(number: float | None) -> str:
+    return str(int(number)) if number is not None and float(number).is_integer() else str(number)
+
+
+SIZINGS = ("crop", "fit", "source")
+FORMATS = ("mp4", "webm", "gif", "webp")
+
+PARAMS = (
+    Param("motion_bucket_id", int, 127, "Motion intensity: higher moves more.", 1, 255),
+    Param("fps", int, 6, "Frames per second: the playback rate and the model's fps conditioning.", 1, 30),
+    Param("num_frames", int, None, "Number of frames to generate.", 14, 30,
+          default_text="model's (svd 14, svd-xt 25, tiny 14) or `VIDEO_FRAMES`"),
+    Param("decode_chunk_size", int, 8, "Frames the VAE decodes at once: lower needs less GPU memory.", 1, 16),
+    Param("num_inference_steps", int, None, "Denoising steps: more is slower and cleaner.", 1, 100,
+          default_text="25 (tiny: 8)"),
+    Param("noise_aug_strength", float, 0.02, "Noise added to the input image: higher departs further from it.",
+          0, 1),
+    Param("min_guidance_scale", float, 1.0, "Guidance at the first frame.", 0, 20),
+    Param("max_guidance_scale", float, 3.0, "Guidance at the last frame (at least min_guidance_scale).", 0, 20),
+    Param("seed", int, None, "Random seed; the same seed and parameters give the same video.", 0, MAX_SEED,
+          default_text="random (returned in `X-Seed`)"),
+    Param("width", int, None, "Output width in pixels.", 64, 2048, multiple_of=8,
+          default_text="`VIDEO_WIDTH`, else 1024 (tiny: 256)"),
+    Param("height", int, None, "Output height in pixels.", 64, 2048, multiple_of=8,
+          default_text="`VIDEO_HEIGHT`, else 576 (tiny: 144)"),
+    Param("sizing", str, "crop", "How the image meets width x height: `crop` covers then centre-crops; `fit` "
+          "keeps the aspect inside width x height, sides rounded down to multiples of 64; `source` uses the "
+          "image's own size rounded to 64.", choices=SIZINGS),
+    Param("format", str, "mp4", "Output: `mp4` (H.264), `webm` (VP9), `gif` (one shared palette), `webp` "
+          "(animated).", choices=FORMATS),
+)
+BY_NAME = {p.name: p for p in PARAMS}
+
+
+def parse_params(raw: Mapping[str, str]) -> dict[str, Any]:
+    """Validate raw form/query values; returns every parameter, None where the model decides later.
+
+    The seed is drawn here when not given, so a client learns it before the task runs.
+    """
+    unknown = sorted(set(raw) - set(BY_NAME))
+    if unknown:
+        raise UnknownParameter(f"unknown parameter `{unknown[0]}`; known: {', '.join(BY_NAME)}", field=unknown[0])
+    values = {p.name: p.parse(raw[p.name]) if raw.get(p.name, "").strip() else p.default for p in PARAMS}
+    if values["min_guidance_scale"] > values["max_guidance_scale"]:
+        raise InvalidParameter(
+            f"`min_guidance_scale` ({values['min_guidance_scale']}) must not exceed `max_guidance_scale` "
+            f"({values['max_guidance_scale']})", field="min_guidance_scale")
+    for name, other in (("width", "height"), ("height", "width")):
+        if values[name] is not None and values["sizing"] == "source":
+            raise InvalidParameter(f"`{name}` does not apply with sizing=source (the image's own size is used)",
+                                   field=name)
+        if values[name] is not None and values[other] is None:
+            raise InvalidParameter(f"`{other}` is needed with `{name}`", field=other)
+    if values["seed"] is None:
+        values["seed"] = secrets.randbelow(MAX_SEED + 1)
+    return values
+
+
+def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, int]) -> dict[str, Any]:
+    """Fill what the model decides (`num_frames`, `num_inference_steps`, `width`, `height`)."""
+    resolved = dict(values)
+    for name in ("num_frames", "num_inference_steps", "width", "height"):
+        if resolved[name] is None:
+            resolved[name] = model_defaults[name]
+    return resolved
+
+
+def schema() -> list[dict[str, Any]]:
+    """The parameters as JSON, for clients and the web page."""
+    out = []
+    for p in PARAMS:
+        item = {"name": p.name, "type": {int: "integer", float: "number", str: "string"}[p.type],
+                "default": p.default, "help": p.help}
+        if p.choices:
+            item["enum"] = list(p.choices)
+        else:
+            item["minimum"], item["maximum"] = p.minimum, p.maximum
+        if p.multiple_of:
+            item["multipleOf"] = p.multiple_of
+        if p.default_text:
+            item["default_text"] = p.default_text
+        out.append(item)
+    return out

@@ -1,0 +1,229 @@
+"""Model choice, loading and generation: the only module that imports torch and diffusers.
+
+torch is imported inside functions so that the API process of a Redis deployment, which holds no model,
+never pays for it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from config import Settings
+from errors import OutOfMemory
+
+log = logging.getLogger(__name__)
+
+REPOS = {
+    "svd": ("stabilityai/stable-video-diffusion-img2vid", 14),
+    "svd-xt": ("stabilityai/stable-video-diffusion-img2vid-xt", 25),
+    "svd-xt-1-1": ("stabilityai/stable-video-diffusion-img2vid-xt-1-1", 25),
+}
+TINY = "tiny"
+NOISE_NOTE = "random weights: the output is noise"
+# A folder saved by save_tiny_pipeline carries this file, so the service knows its output is noise.
+TINY_MARKER = "video_diffusion.json"
+TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144}
+SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576}
+
+# progress(phase, step, total): called as generation moves on; may raise to stop it.
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str  # what the operator asked for, e.g. "svd-xt", "tiny", a repo id or a folder
+    source: str | None  # what from_pretrained loads; None builds the tiny pipeline in memory
+    noise: bool  # random weights: outputs are noise, and every user-facing place says so
+    defaults: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        """How the model is named to users (`X-Model`, `/health`)."""
+        return f"{self.name} ({NOISE_NOTE})" if self.noise else self.name
+
+
+def has_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
+    """What `SVD_MODEL` names, with its default frames, steps and size (`VIDEO_*` settings win)."""
+    name = settings.svd_model or ("svd-xt" if gpu else TINY)
+    if name == TINY:
+        defaults, source, noise = dict(TINY_DEFAULTS), None, True
+    elif name in REPOS:
+        source, frames = REPOS[name]
+        defaults, noise = dict(SVD_DEFAULTS, num_frames=frames), False
+    elif (Path(name) / TINY_MARKER).is_file():
+        defaults = json.loads((Path(name) / TINY_MARKER).read_text())["defaults"]
+        source, noise = name, True
+    else:
+        defaults, source, noise = dict(SVD_DEFAULTS), name, False
+    for key, value in (("num_frames", settings.video_frames), ("width", settings.video_width),
+                       ("height", settings.video_height)):
+        if value is not None:
+            defaults[key] = value
+    return ModelInfo(name=name, source=source, noise=noise, defaults=defaults)
+
+
+def build_tiny_pipeline():
+    """A small random-weight StableVideoDiffusionPipeline from the real diffusers classes, same every time.
+
+    Shaped like diffusers' own fast tests, with the real model's x8 VAE so that sizes mean what they do
+    for SVD, and one attention head and layer per block so a 256x144 video takes seconds on a CPU.
+    """
+    import torch
+    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
+                           UNetSpatioTemporalConditionModel)
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        unet = UNetSpatioTemporalConditionModel(
+            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
+            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
+            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
+            cross_attention_dim=32, num_attention_heads=1, projection_class_embeddings_input_dim=96,
+            addition_time_embed_dim=32)
+        vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 32, 64, 64], in_channels=3, out_channels=3,
+                                           down_block_types=["DownEncoderBlock2D"] * 4, latent_channels=4)
+        # The pipeline resizes the image to 224x224 for CLIP, so the encoder must take 224.
+        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+            hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=224,
+            intermediate_size=37, patch_size=32))
+    scheduler = EulerDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
+        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
+        steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
+    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
+                                        feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
+    for module in (unet, vae, encoder):
+        module.eval()  # built from configs they start in train mode; from_pretrained gives eval mode
+    return pipe
+
+
+def save_tiny_pipeline(path: str | os.PathLike) -> None:
+    """Save the tiny pipeline as a diffusers folder that `SVD_MODEL=<path>` serves."""
+    build_tiny_pipeline().save_pretrained(path)
+    (Path(path) / TINY_MARKER).write_text(json.dumps({"tiny": True, "defaults": TINY_DEFAULTS}))
+
+
+class VideoGenerator:
+    """One loaded pipeline; generates one video at a time."""
+
+    def __init__(self, pipe, model: ModelInfo, device: str, dtype: str):
+        self.pipe = pipe
+        self.model = model
+        self.device = device
+        self.dtype = dtype
+        self._lock = threading.Lock()
+
+    def generate(self, image, params: dict[str, Any], progress: Progress) -> np.ndarray:
+        """Frames (N x H x W x 3 uint8) for `image`, already sized to params' width x height."""
+        import torch
+
+        total = params["num_inference_steps"]
+
+        def on_step_end(pipe, step, timestep, tensors):
+            # The VAE decodes right after the last step, so that is where "decoding" starts.
+            progress("decoding" if step + 1 == total else "denoising", step + 1, total)
+            return tensors
+
+        with self._lock:
+            progress("denoising", 0, total)
+            try:
+                with torch.inference_mode():
+                    frames = self.pipe(
+                        image, width=image.width, height=image.height, num_frames=params["num_frames"],
+                        num_inference_steps=total, fps=params["fps"], motion_bucket_id=params["motion_bucket_id"],
+                        noise_aug_strength=params["noise_aug_strength"],
+                        decode_chunk_size=params["decode_chunk_size"],
+                        min_guidance_scale=params["min_guidance_scale"],
+                        max_guidance_scale=params["max_guidance_scale"],
+                        generator=torch.Generator("cpu").manual_seed(params["seed"]),
+                        output_type="np", callback_on_step_end=on_step_end).frames[0]
+            except torch.OutOfMemoryError:
+                raise OutOfMemory(f"the {self.device} ran out of memory; try fewer frames, a smaller size or a "
+                                  "lower decode_chunk_size") from None
+            finally:
+                if self.device == "cuda":
+                    torch.cuda.empty_cache()
+        return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+
+    def memory_stats(self) -> dict[str, int]:
+        """CUDA memory allocated, reserved and peak, in bytes (empty off CUDA)."""
+        import torch
+
+        if self.device != "cuda":
+            return {}
+        return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
+                "peak": torch.cuda.max_memory_allocated()}
+
+
+def _pick_device(requested: str) -> str:
+    import torch
+
+    available = {"cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available(), "cpu": True}
+    if requested == "auto":
+        return next(name for name, ok in available.items() if ok)
+    if not available[requested]:
+        raise RuntimeError(f"SVD_DEVICE={requested}, but no {requested} device is available")
+    return requested
+
+
+def load_generator(settings: Settings) -> VideoGenerator:
+    """Load the pipeline `SVD_MODEL` names onto its device, with the memory and speed options set."""
+    if settings.cuda_visible_devices is not None:
+        os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.cuda_visible_devices)
+    import torch
+    from diffusers import StableVideoDiffusionPipeline
+
+    device = _pick_device(settings.svd_device)
+    model = describe_model(settings, gpu=device != "cpu")
+    dtype_name = settings.svd_dtype if settings.svd_dtype != "auto" else ("float16" if device == "cuda"
+                                                                          else "float32")
+    dtype = getattr(torch, dtype_name)
+    if model.source is None:
+        pipe = build_tiny_pipeline()
+        if dtype != torch.float32:
+            pipe.to(dtype=dtype)
+    else:
+        pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16")
+    if model.noise:
+        log.warning("serving %s: %s. Set SVD_MODEL=svd-xt (or svd) on a GPU machine for real videos.",
+                    model.name, NOISE_NOTE)
+    pipe.set_progress_bar_config(disable=True)
+    if settings.svd_offload != "none":
+        if device != "cuda":
+            raise RuntimeError(f"SVD_OFFLOAD={settings.svd_offload} needs a CUDA device; this one is {device}")
+        if settings.svd_offload == "model":
+            pipe.enable_model_cpu_offload()
+        else:
+            pipe.enable_sequential_cpu_offload()
+    else:
+        pipe.to(device)
+    if settings.svd_forward_chunking:
+        pipe.unet.enable_forward_chunking()
+    if settings.svd_compile:
+        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
+    return VideoGenerator(pipe, model, device, dtype_name)
+
+
+def _from_pretrained(cls, source: str, dtype, want_fp16_variant: bool):
+    if want_fp16_variant:
+        try:
+            return cls.from_pretrained(source, dtype=dtype, variant="fp16")
+        except (OSError, ValueError) as exc:
+            # Folders and repos without fp16 files: load the full-precision files and cast them.
+            log.info("no fp16 variant of %s (%s); loading the default weights as float16", source, exc)
+    return cls.from_pretrained(source, dtype=dtype)

@@ -1,0 +1,159 @@
+"""Shared fixtures: the tiny pipeline (saved, then loaded back like real weights), apps, images, servers."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config import load_settings  # noqa: E402
+from pipeline import load_generator, save_tiny_pipeline  # noqa: E402
+from server import create_app  # noqa: E402
+
+# Small enough that a generation takes a fraction of a second on two cores.
+SMALL = {"width": "64", "height": "64", "num_inference_steps": "1", "num_frames": "14"}
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny-svd")
+    save_tiny_pipeline(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def generator(tiny_model_dir):
+    """The tiny pipeline loaded from its folder through from_pretrained: built once per test session."""
+    return load_generator(load_settings({"SVD_MODEL": str(tiny_model_dir)}, dotenv_path=None))
+
+
+def settings_for(tmp_path: Path, **env: str):
+    return load_settings({"VIDEO_OUTPUT_PATH": str(tmp_path / "videos"), **env}, dotenv_path=None)
+
+
+def wait_ready(client, timeout: float = 30.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = client.get("/health")
+        if response.status_code == 200 or response.json.get("status") == "failed":
+            return response.json
+        time.sleep(0.02)
+    raise AssertionError("the app did not become ready")
+
+
+@pytest.fixture
+def make_app(tmp_path, generator):
+    """make_app(load=None, **env) -> a ready Flask app on this test's own output folder."""
+    apps = []
+
+    def make(load=None, **env):
+        app = create_app(settings_for(tmp_path, **env), load=load or (lambda settings: generator))
+        apps.append(app)
+        wait_ready(app.test_client())
+        return app
+
+    yield make
+    for app in apps:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+@pytest.fixture
+def client(make_app):
+    return make_app().test_client()
+
+
+def image_bytes(size=(96, 64), color=(200, 40, 40), mode="RGB", fmt="PNG", **save) -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, size, color).save(buffer, format=fmt, **save)
+    return buffer.getvalue()
+
+
+def upload(data: bytes, name: str = "input.png", field: str = "image", **params) -> dict:
+    return {field: (io.BytesIO(data), name), **{k: str(v) for k, v in params.items()}}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Gunicorn:
+    """`make run`'s command (gunicorn with gunicorn.conf.py) as a real process on a free port."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str]):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output = tmp_path / "videos"
+        self.log = open(tmp_path / "gunicorn.log", "wb")
+        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
+                    **env}
+        self.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"],
+                                        cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 60.0) -> dict:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.logs()
+            try:
+                response = requests.get(self.url + "/health", timeout=2)
+                if response.status_code == 200:
+                    return response.json()
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise AssertionError("gunicorn did not become ready:\n" + self.logs())
+
+    def logs(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(tmp_path_factory, tiny_model_dir):
+    server = Gunicorn(tmp_path_factory.mktemp("gunicorn"), {"SVD_MODEL": str(tiny_model_dir)})
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def decode_video(data: bytes, fmt: str) -> tuple[np.ndarray, float]:
+    """(frames N x H x W x 3, fps) of an encoded video: PyAV for mp4/webm, Pillow for gif/webp."""
+    if fmt in ("mp4", "webm"):
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            frames = [f.to_ndarray(format="rgb24") for f in container.decode(stream)]
+            return np.stack(frames), float(stream.average_rate)
+    with Image.open(io.BytesIO(data)) as image:
+        frames, durations = [], []
+        for index in range(image.n_frames):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB")))
+            durations.append(image.info["duration"])
+        return np.stack(frames), 1000.0 / float(np.mean(durations))
