@@ -5,7 +5,6 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # torch is installed first and pinned: left to a resolver, it pulls a multi-GB build.
 TORCH := torch==2.13.0
-SYSTEM_PACKAGES := redis-server chromium curl
 
 .PHONY: run test bench lint system-deps clean
 
@@ -22,12 +21,14 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 run: $(VENV)/.installed
 	$(VENV)/bin/gunicorn --config gunicorn.conf.py
 
-# Redis (async tests), Chromium (web page tests) and curl come from Debian's packages.
+# Redis (async tests), Chromium (web page tests), curl and docker-compose (validates the compose file)
+# come from Debian's packages.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
+	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
 	if [ -n "$$missing" ]; then \
 		echo "installing Debian packages:$$missing"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \

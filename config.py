@@ -174,7 +174,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
     values = {}
     for var in VARIABLES:
         raw = source.get(var.name)
-        if raw is None:
+        if raw is None or not raw.strip():  # `NAME=` means unset, as compose passes `${NAME:-}`
             values[var.name.lower()] = var.default
             continue
         try:
@@ -189,3 +189,13 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
             raise ConfigError(f"{name.upper()}={getattr(settings, name)}: must be a multiple of 8")
     return settings
 
+
+
+def variables_markdown() -> str:
+    """README's table of environment variables."""
+    rows = ["| Variable | Default | Description |", "|---|---|---|"]
+    for var in VARIABLES:
+        value = str(var.default).lower() if isinstance(var.default, bool) else var.default
+        default = "unset" if var.default is None else f"`{value}`"
+        rows.append(f"| `{var.name}` | {default} | {var.help} |")
+    return "\n".join(rows)

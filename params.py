@@ -138,3 +138,12 @@ def schema() -> list[dict[str, Any]]:
             item["default_text"] = p.default_text
         out.append(item)
     return out
+
+
+def params_markdown() -> str:
+    """README's table of generation parameters."""
+    rows = ["| Parameter | Default | Allowed | Description |", "|---|---|---|---|"]
+    for p in PARAMS:
+        default = p.default_text or f"`{p.default}`"
+        rows.append(f"| `{p.name}` | {default} | {p.allowed()} | {p.help} |")
+    return "\n".join(rows)

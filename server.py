@@ -37,7 +37,7 @@ def create_app(settings: Settings | None = None, *, backend=None, load=None) -> 
     """The Flask app. `backend` and `load` (Settings -> VideoGenerator) are for tests to inject."""
     settings = settings or load_settings()
     if not logging.getLogger().handlers:
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)

@@ -1,0 +1,53 @@
+"""Settings: environment over `.env` over defaults, validated at once; README stays true to the schemas."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+
+import config
+from config import ConfigError, Settings, load_settings
+from params import params_markdown
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def test_defaults():
+    settings = load_settings({}, dotenv_path=None)
+    assert (settings.port, settings.max_upload_mb, settings.max_queue) == (5013, 20, 8)
+    assert settings.svd_model is None and settings.video_output_path == "./data/videos"
+    assert settings.redis is None
+
+
+def test_dotenv_is_read_and_the_environment_wins(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("VIDEO_FRAMES=20\nMAX_QUEUE=3\nREDIS_HOST=redis\n")
+    settings = load_settings({"MAX_QUEUE": "5"}, dotenv_path=str(dotenv))
+    assert (settings.video_frames, settings.max_queue) == (20, 5)
+    assert settings.redis == "redis://redis:6379/0"
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"PORT": "http"}, "PORT='http': must be a whole number"),
+    ({"PORT": "70000"}, "PORT='70000': must be between 1 and 65535"),
+    ({"SVD_OFFLOAD": "gpu"}, "SVD_OFFLOAD='gpu': must be one of none, model, sequential"),
+    ({"SVD_COMPILE": "maybe"}, "SVD_COMPILE='maybe': must be true or false"),
+    ({"VIDEO_FRAMES": "40"}, "VIDEO_FRAMES='40': must be between 14 and 30"),
+    ({"VIDEO_WIDTH": "512"}, "VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither"),
+    ({"VIDEO_WIDTH": "500", "VIDEO_HEIGHT": "320"}, "VIDEO_WIDTH=500: must be a multiple of 8"),
+])
+def test_a_bad_value_names_the_variable_its_value_and_what_is_allowed(env, needle):
+    with pytest.raises(ConfigError, match="^" + needle.replace("(", r"\(")):
+        load_settings(env, dotenv_path=None)
+
+
+def test_every_setting_has_one_variable():
+    assert [f.name for f in dataclasses.fields(Settings)] == [v.name.lower() for v in config.VARIABLES]
+
+
+def test_readme_documents_every_variable_and_parameter():
+    readme = README.read_text()
+    assert config.variables_markdown() in readme
+    assert params_markdown() in readme

@@ -1,0 +1,122 @@
+"""Model choice and loading, the loading and failed states, and out-of-memory handling."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from config import load_settings
+from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
+from pipeline import VideoGenerator, build_tiny_pipeline, describe_model, load_generator
+from server import create_app
+
+
+def settings(**env):
+    return load_settings(env, dotenv_path=None)
+
+
+@pytest.mark.parametrize("env,gpu,name,repo,frames", [
+    ({}, False, "tiny", None, 14),
+    ({}, True, "svd-xt", "stabilityai/stable-video-diffusion-img2vid-xt", 25),
+    ({"SVD_MODEL": "svd"}, True, "svd", "stabilityai/stable-video-diffusion-img2vid", 14),
+    ({"SVD_MODEL": "svd-xt-1-1"}, False, "svd-xt-1-1", "stabilityai/stable-video-diffusion-img2vid-xt-1-1", 25),
+    ({"SVD_MODEL": "me/my-svd"}, True, "me/my-svd", "me/my-svd", 25),
+    ({"SVD_MODEL": "svd", "VIDEO_FRAMES": "20"}, True, "svd", "stabilityai/stable-video-diffusion-img2vid", 20),
+])
+def test_svd_model_names(env, gpu, name, repo, frames):
+    model = describe_model(settings(**env), gpu=gpu)
+    assert (model.name, model.source, model.defaults["num_frames"]) == (name, repo, frames)
+    assert model.noise == (name == "tiny")
+
+
+def test_video_size_settings_are_the_defaults():
+    model = describe_model(settings(SVD_MODEL="svd", VIDEO_WIDTH="512", VIDEO_HEIGHT="320"), gpu=True)
+    assert (model.defaults["width"], model.defaults["height"]) == (512, 320)
+
+
+def test_a_saved_tiny_folder_loads_back_identically_and_is_known_as_noise(generator, tiny_model_dir):
+    assert generator.model.noise and generator.model.source == str(tiny_model_dir)
+    assert "random weights" in generator.model.label
+    built = build_tiny_pipeline().unet.state_dict()
+    loaded = generator.pipe.unet.state_dict()
+    assert built.keys() == loaded.keys()
+    assert all(torch.equal(built[key], loaded[key]) for key in built)
+
+
+def test_health_is_503_loading_until_the_model_is_ready(tmp_path, generator):
+    release = threading.Event()
+
+    def slow_load(_settings):
+        release.wait(10)
+        return generator
+
+    app = create_app(settings_for(tmp_path), load=slow_load)
+    client = app.test_client()
+    try:
+        response = client.get("/health")
+        assert response.status_code == 503 and response.json["status"] == "loading"
+        busy = client.post("/generate", data=upload(image_bytes(), **SMALL))
+        assert busy.status_code == 503 and busy.json["error"]["code"] == "model_not_ready"
+        assert int(busy.headers["Retry-After"]) > 0
+        release.set()
+        assert wait_ready(client)["status"] == "ok"
+        assert client.post("/generate", data=upload(image_bytes(), **SMALL)).status_code == 200
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+@pytest.mark.parametrize("env,needle", [
+    ({"SVD_MODEL": "/nonexistent/svd-folder"}, "/nonexistent/svd-folder"),
+    ({"SVD_MODEL": "tiny", "SVD_OFFLOAD": "model"}, "SVD_OFFLOAD=model needs a CUDA device"),
+    ({"SVD_MODEL": "tiny", "SVD_DEVICE": "cuda"}, "no cuda device"),
+])
+def test_a_failed_load_keeps_the_process_up_and_says_why(tmp_path, env, needle):
+    app = create_app(settings_for(tmp_path, **env), load=load_generator)
+    client = app.test_client()
+    try:
+        health = wait_ready(client)
+        assert health["status"] == "failed" and needle in health["error"]
+        assert client.get("/health").status_code == 503
+        response = client.post("/generate", data=upload(image_bytes(), **SMALL))
+        assert response.status_code == 503 and needle in response.json["error"]["message"]
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+class RaisesOomOnce:
+    """Stands in for the pipeline: the first call runs out of GPU memory, later calls run the real one."""
+
+    def __init__(self, pipe):
+        self.pipe, self.calls = pipe, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return self.pipe(*args, **kwargs)
+
+
+def test_out_of_memory_fails_only_that_request(make_app, generator):
+    raises_oom = VideoGenerator(RaisesOomOnce(generator.pipe), generator.model, "cpu", "float32")
+    client = make_app(load=lambda _settings: raises_oom).test_client()
+    failed = client.post("/generate", data=upload(image_bytes(), **SMALL))
+    assert failed.status_code == 507
+    assert failed.json["error"]["code"] == "out_of_memory"
+    assert "Traceback" not in failed.get_data(as_text=True)
+    assert client.get("/health").status_code == 200
+    assert client.post("/generate", data=upload(image_bytes(), **SMALL)).status_code == 200
+
+
+def test_generator_output_is_uint8_frames_of_the_asked_size(generator):
+    from PIL import Image
+
+    params = {"num_frames": 14, "num_inference_steps": 1, "fps": 6, "motion_bucket_id": 127,
+              "noise_aug_strength": 0.02, "decode_chunk_size": 4, "min_guidance_scale": 1.0,
+              "max_guidance_scale": 3.0, "seed": 1}
+    phases = []
+    frames = generator.generate(Image.new("RGB", (128, 64)), params, lambda *p: phases.append(p))
+    assert frames.dtype == np.uint8 and frames.shape == (14, 64, 128, 3)
+    assert phases == [("denoising", 0, 1), ("decoding", 1, 1)]

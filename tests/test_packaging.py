@@ -1,0 +1,58 @@
+"""The Docker image and compose file: linted and validated here, since no Docker engine runs here."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+import config
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKERFILE = (ROOT / "Dockerfile").read_text()
+
+
+def test_hadolint_passes():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    result = subprocess.run([str(hadolint), "Dockerfile"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_serves_on_5013_as_non_root_with_a_healthcheck():
+    assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", DOCKERFILE, re.M)
+    assert "pip install torch==2.13.0 && pip install -r requirements.txt" in DOCKERFILE
+    assert re.search(r"^EXPOSE 5013$", DOCKERFILE, re.M)
+    assert re.search(r"^USER 10001$", DOCKERFILE, re.M)
+    assert 'VOLUME ["/models", "/data/videos"]' in DOCKERFILE
+    assert "http://localhost:5013/health" in DOCKERFILE.split("HEALTHCHECK", 1)[1]
+    assert DOCKERFILE.rstrip().endswith('CMD ["gunicorn", "--config", "gunicorn.conf.py"]')
+    assert "--preload" not in DOCKERFILE
+
+
+def test_compose_file_is_valid_and_has_the_gpu_profile_service():
+    compose = shutil.which("docker-compose")
+    assert compose, "docker-compose (Debian package) is installed by `make test`"
+    result = subprocess.run([compose, "-f", "docker-compose.yml", "--profile", "gpu", "config"], cwd=ROOT,
+                            capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    service = yaml.safe_load(result.stdout)["services"]["video-diffusion"]
+    assert service["profiles"] == ["gpu"]
+    assert service["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert [(p["published"], p["target"]) for p in service["ports"]] == [(5013, 5013)]
+    assert {v.split(":")[1] for v in service["volumes"]} == {"/models", "/data/videos"}
+
+
+def test_compose_passes_only_known_settings():
+    settings = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-settings"]
+    known = {v.name for v in config.VARIABLES}
+    assert set(settings) <= known
+
+
+def test_env_example_lists_every_variable():
+    example = (ROOT / ".env.example").read_text()
+    for var in config.VARIABLES:
+        assert re.search(rf"^#? ?{var.name}=", example, re.M), var.name
