@@ -10,13 +10,12 @@ from collections import deque
 from typing import Callable
 
 from config import Settings
-from errors import GenerationTimeout, ModelNotReady, QueueFull, ServiceError, TaskCanceled
-from tasks import Task, TaskStatus, TaskStore, run_task
+from errors import GenerationTimeout, ModelNotReady, QueueFull, TaskCanceled
+from tasks import CANCELED, Task, TaskStatus, TaskStore, execute
 
 log = logging.getLogger(__name__)
 
 INTERRUPTED = {"code": "interrupted", "message": "the service stopped while this task was running; submit it again"}
-CANCELED = {"code": "canceled", "message": "canceled by request"}
 
 
 class EmbeddedBackend:
@@ -36,16 +35,25 @@ class EmbeddedBackend:
         self.generator = None
         self.model_state = "loading"  # loading, ready, failed
         self.model_error: str | None = None
+        self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
         self._recover()
-        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
-        threading.Thread(target=self._run, name="task-runner", daemon=True).start()
+        self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in
+                         ((self._load_model, "model-loader"), (self._run, "task-runner"),
+                          (self._sweep, "result-janitor"))]
+        for thread in self._threads:
+            thread.start()
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop taking tasks, cancel the running one at its next step and wait for the threads to end."""
         with self._cond:
             self._stopping = True
+            if self._running is not None:
+                self._cancel_requested.add(self._running.task_id)
             self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
 
     def _recover(self) -> None:
         """After a restart: queued async tasks run again; a task that was running ends `interrupted`.
@@ -109,7 +117,32 @@ class EmbeddedBackend:
         with self._cond:
             if task_id in self._active:
                 return copy.deepcopy(self._active[task_id])
-        return self.store.load(task_id)
+        task = self.store.load(task_id)
+        if task is not None:
+            self._expire_if_due(task)
+        return task
+
+    def result(self, task: Task):
+        """The finished task's video file (None once expired)."""
+        path = self.store.result_path(task)
+        return path if path.exists() else None
+
+    def _expire_if_due(self, task: Task) -> None:
+        if task.status.terminal and not task.expired and time.time() >= task.finished_at + self.settings.result_ttl:
+            self.store.delete_files(task)
+            task.expired = True
+            self.store.save(task)
+
+    def _sweep(self) -> None:
+        """Delete videos older than RESULT_TTL, checking every minute (or sooner for short TTLs)."""
+        interval = min(60.0, self.settings.result_ttl / 2)
+        while True:
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, timeout=interval):
+                    return
+            for task in self.store.all_tasks():
+                if task.task_id not in self._active:
+                    self._expire_if_due(task)
 
     def queue_position(self, task_id: str) -> int | None:
         """1 for the task that runs next, None when it is not waiting."""
@@ -161,27 +194,16 @@ class EmbeddedBackend:
                 if self._stopping:
                     return
                 task = self._active[self._queue.popleft()]
-                task.status, task.started_at, task.phase = TaskStatus.STARTED, time.time(), "loading"
-                task.timings["queue_wait"] = task.started_at - task.created_at
+                task.start()
                 self._running = task
                 self.store.save(task)
             self._execute(task)
 
     def _execute(self, task: Task) -> None:
         deadline = time.monotonic() + self.settings.job_timeout
-        status, error = TaskStatus.FINISHED, None
-        try:
-            image = self.store.load_image(task.task_id)
-            run_task(self.generator, task, image, self.store.result_path(task),
-                     lambda phase, step, total: self._progress(task, deadline, phase, step, total))
-        except TaskCanceled:
-            status, error = TaskStatus.CANCELED, CANCELED
-        except ServiceError as exc:
-            status, error = TaskStatus.FAILED, {"code": exc.code, "message": exc.message}
-        except Exception:  # noqa: BLE001 - one task's failure must not stop the runner
-            log.exception("task %s failed", task.task_id)
-            status, error = TaskStatus.FAILED, {"code": "generation_failed",
-                                                "message": "generation failed; the server log has the details"}
+        status, error = execute(self.generator, task, self.store.load_image(task.task_id),
+                                self.store.result_path(task),
+                                lambda phase, step, total: self._progress(task, deadline, phase, step, total))
         with self._cond:
             self._end(task, status, error)
 

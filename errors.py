@@ -9,9 +9,12 @@ class ServiceError(Exception):
     status = 500
     code = "internal_error"
 
-    def __init__(self, message: str, field: str | None = None, retry_after: int | None = None):
+    def __init__(self, message: str, field: str | None = None, retry_after: int | None = None,
+                 code: str | None = None):
         super().__init__(message)
         self.message = message
+        if code:
+            self.code = code
         self.field = field
         self.retry_after = retry_after
 
@@ -40,6 +43,16 @@ class NotFound(ServiceError):
 
 class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
+
+
+class AlreadyEnded(ServiceError):
+    status, code = 409, "already_ended"
+
+
+class TaskDidNotFinish(ServiceError):
+    """GET /results of a failed or canceled task: the code is the task's own (e.g. `out_of_memory`)."""
+
+    status, code = 409, "task_failed"
 
 
 class ResultExpired(ServiceError):
@@ -96,6 +109,4 @@ BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTi
 
 def from_code(code: str, message: str) -> ServiceError:
     """The error for a failed task's stored code (unknown codes are generation failures)."""
-    error = BY_CODE.get(code, GenerationFailed)(message)
-    error.code = code
-    return error
+    return BY_CODE.get(code, GenerationFailed)(message, code=code)

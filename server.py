@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import select
 import socket
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, request, send_file
+from flask import Blueprint, Flask, current_app, jsonify, request, send_file, url_for
 from PIL import Image
 from werkzeug.exceptions import HTTPException
 
@@ -17,7 +19,7 @@ from config import Settings, load_settings
 from embedded import EmbeddedBackend
 from images import load_image
 from params import parse_params
-from tasks import Task, TaskStatus, TaskStore, new_task_id
+from tasks import Task, TaskStatus, TaskStore, is_task_id, new_task_id
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
@@ -66,8 +68,36 @@ def generate():
     service = _service()
     params = parse_params(_raw_params())
     image = load_image(_read_image_bytes(), service.settings.max_image_pixels)
-    task = service.backend.submit(Task(task_id=new_task_id(), mode="sync", params=params), image)
+    mode = _requested_mode(service.settings.generate_mode)
+    task = service.backend.submit(Task(task_id=new_task_id(), mode=mode, params=params), image)
+    if mode == "async":
+        return _status_response(task, 202, Location=url_for("api.status", task_id=task.task_id))
     return _video_response(_wait_for(task.task_id))
+
+
+@api.get("/status/<path:task_id>")
+def status(task_id: str):
+    return _status_response(_find(task_id), 200)
+
+
+@api.get("/results/<path:task_id>")
+def results(task_id: str):
+    task = _find(task_id)
+    if not task.status.terminal:
+        return _status_response(task, 202, **{"Retry-After": "2"})
+    if task.status is not TaskStatus.FINISHED:
+        raise errors.TaskDidNotFinish(f"the task {task.status.value}: {task.error['message']}",
+                                      code=task.error["code"])
+    return _video_response(task)
+
+
+@api.delete("/tasks/<path:task_id>")
+def cancel(task_id: str):
+    task = _find(task_id)
+    if task.status.terminal:
+        raise errors.AlreadyEnded(f"the task has already ended ({task.status.value})")
+    task = _service().backend.cancel(task_id)
+    return _status_response(task, 200 if task.status.terminal else 202)
 
 
 @api.get("/health")
@@ -77,6 +107,25 @@ def health():
 
 
 # --- request parsing --------------------------------------------------------------------------------
+
+def _requested_mode(default: str) -> str:
+    """`Prefer: respond-async` asks for a task id at once, `Prefer: wait` for the video (RFC 7240)."""
+    preferences = {token.split("=")[0].strip().lower()
+                   for token in request.headers.get("Prefer", "").replace(";", ",").split(",")}
+    if "respond-async" in preferences:
+        return "async"
+    if "wait" in preferences:
+        return "sync"
+    return default
+
+
+def _find(task_id: str) -> Task:
+    """The task, or 404: unknown and malformed ids get the same answer."""
+    task = _service().backend.get(task_id) if is_task_id(task_id) else None
+    if task is None:
+        raise errors.NotFound("no task with this id")
+    return task
+
 
 def _raw_params() -> dict[str, str]:
     """Parameters from the query string and form fields (a form field wins over the same query name)."""
@@ -128,11 +177,42 @@ def _client_disconnected() -> bool:
         return False
 
 
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+def _status_response(task: Task, status_code: int, **headers: str):
+    """The task as clients see it, from `/status`, a 202 `/results`, `DELETE /tasks` and async submission."""
+    body = {
+        "task_id": task.task_id, "status": task.status.value, "mode": task.mode,
+        "progress": {"phase": task.phase, "step": task.step, "total": task.total_steps},
+        "queue_position": _service().backend.queue_position(task.task_id)
+        if task.status is TaskStatus.QUEUED else None,
+        "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+        "seed": task.params["seed"], "params": task.params, "model": task.model, "timings": task.timings,
+        "error": task.error, "expired": task.expired,
+        "status_url": url_for("api.status", task_id=task.task_id),
+        "result_url": url_for("api.results", task_id=task.task_id)
+        if task.status is TaskStatus.FINISHED and not task.expired else None,
+    }
+    response = jsonify(body)
+    response.status_code = status_code
+    response.headers.update({"X-Task-Id": task.task_id, **headers})
+    return response
+
+
 def _video_response(task: Task):
     if task.status is not TaskStatus.FINISHED:
         raise errors.from_code(task.error["code"], task.error["message"])
-    response = send_file(_service().backend.store.result_path(task), mimetype=task.result["content_type"],
-                         as_attachment=True, download_name=task.result["filename"], max_age=0)
+    video = None if task.expired else _service().backend.result(task)
+    if video is None:
+        raise errors.ResultExpired(f"the video was deleted RESULT_TTL={_service().settings.result_ttl} s after it "
+                                   "was made")
+    if isinstance(video, bytes):
+        video = io.BytesIO(video)
+    response = send_file(video, mimetype=task.result["content_type"], as_attachment=True,
+                         download_name=task.result["filename"], max_age=0)
     timings = task.timings
     response.headers.update({
         "X-Task-Id": task.task_id,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import secrets
@@ -16,8 +17,12 @@ from typing import Any, Callable
 from PIL import Image
 
 from encoders import FORMATS, encode_video
+from errors import ServiceError, TaskCanceled
 from images import fit_image
 from params import resolve_defaults
+
+log = logging.getLogger(__name__)
+CANCELED = {"code": "canceled", "message": "canceled by request"}
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -59,6 +64,8 @@ class Task:
     error: dict[str, str] | None = None  # {"code", "message"} when failed or canceled
     result: dict[str, Any] | None = None  # format, content_type, filename, bytes; expired once deleted
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queue_wait, generation, encoding
+    worker: str | None = None  # the RQ worker running it (Redis mode)
+    expired: bool = False  # the video and input were deleted after RESULT_TTL
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
@@ -68,6 +75,10 @@ class Task:
         data = json.loads(text)
         data["status"] = TaskStatus(data["status"])
         return cls(**data)
+
+    def start(self, worker: str | None = None) -> None:
+        self.status, self.started_at, self.phase, self.worker = TaskStatus.STARTED, time.time(), "loading", worker
+        self.timings["queue_wait"] = self.started_at - self.created_at
 
     def finish(self, status: TaskStatus, error: dict[str, str] | None = None) -> None:
         self.status, self.error, self.finished_at = status, error, time.time()
@@ -150,3 +161,18 @@ def run_task(generator, task: Task, image: Image.Image, out_path: Path,
     task.timings.update(generation=generated - started, encoding=time.perf_counter() - generated)
     task.result = {"format": fmt.name, "content_type": fmt.content_type, "bytes": out_path.stat().st_size,
                    "filename": f"{task.task_id}.{fmt.extension}", "frames": len(frames)}
+
+
+def execute(generator, task: Task, image: Image.Image, out_path: Path,
+            progress: Callable[[str, int, int], None]) -> tuple[TaskStatus, dict[str, str] | None]:
+    """Run `task` and say how it ended: failures become a status and a short error, never an exception."""
+    try:
+        run_task(generator, task, image, out_path, progress)
+    except TaskCanceled:
+        return TaskStatus.CANCELED, CANCELED
+    except ServiceError as exc:
+        return TaskStatus.FAILED, {"code": exc.code, "message": exc.message}
+    except Exception:  # noqa: BLE001 - one task's failure must not stop the runner
+        log.exception("task %s failed", task.task_id)
+        return TaskStatus.FAILED, {"code": "generation_failed", "message": "generation failed; the log has the details"}
+    return TaskStatus.FINISHED, None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -101,7 +102,8 @@ class Gunicorn:
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
                     **env}
         self.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"],
-                                        cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT)
+                                        cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
+                                        start_new_session=True)
 
     def wait_ready(self, timeout: float = 60.0) -> dict:
         deadline = time.monotonic() + timeout
@@ -120,7 +122,15 @@ class Gunicorn:
         self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
+    def kill(self) -> None:
+        """SIGKILL the master and its worker at once: a crash, with no chance to tidy up."""
+        os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
+        self.log.close()
+
     def stop(self) -> None:
+        if self.log.closed:
+            return
         if self.process.poll() is None:
             self.process.terminate()
             try:
