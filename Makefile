@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # torch is installed first and pinned: left to a resolver, it pulls a multi-GB build.
 TORCH := torch==2.13.0
 
-.PHONY: run test bench lint system-deps clean
+.PHONY: run test bench lint docs system-deps clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,10 @@ test: $(VENV)/.test-installed system-deps
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/hadolint Dockerfile
+
+# README's tables and .env.example are generated from the schemas in params.py and config.py.
+docs: $(VENV)/.installed
+	$(PY) scripts/gen_docs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -29,6 +29,7 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_QUEUE = 8
 GENERATE_MODE = "sync"
 JOB_TIMEOUT = 1800
+WORKER_TTL = 30
 REDIS_URL = None
 REDIS_HOST = None
 REDIS_PORT = 6379
@@ -121,10 +122,13 @@ VARIABLES = (
              "Requests that may wait behind the running one; more get 503 at once."),
     Variable("GENERATE_MODE", _choice("sync", "async"), GENERATE_MODE,
              "What `POST /generate` does without a `Prefer` header."),
-    Variable("JOB_TIMEOUT", _int(1), JOB_TIMEOUT, "Seconds one generation may run."),
+    Variable("JOB_TIMEOUT", _int(1), JOB_TIMEOUT,
+             "Seconds one generation may run; it then stops at its next step and fails with `timeout`."),
     Variable("REDIS_URL", _optional_text, REDIS_URL, "Redis for scale-out, e.g. `redis://redis:6379/0`."),
     Variable("REDIS_HOST", _optional_text, REDIS_HOST, "Redis host (seed form; `REDIS_URL` wins)."),
     Variable("REDIS_PORT", _int(1, 65535), REDIS_PORT, "Redis port, with `REDIS_HOST`."),
+    Variable("WORKER_TTL", _int(3, 3600), WORKER_TTL,
+             "Redis mode: seconds after which a silent worker counts as gone and its task fails `abandoned`."),
     Variable("LOG_LEVEL", _choice("debug", "info", "warning", "error"), LOG_LEVEL, "Log verbosity."),
 )
 
@@ -153,6 +157,7 @@ class Settings:
     redis_url: str | None
     redis_host: str | None
     redis_port: int
+    worker_ttl: int
     log_level: str
 
     @property

@@ -10,8 +10,8 @@ from collections import deque
 from typing import Callable
 
 from config import Settings
-from errors import GenerationTimeout, ModelNotReady, QueueFull, TaskCanceled
-from tasks import CANCELED, Task, TaskStatus, TaskStore, execute
+from errors import ModelNotReady, QueueFull
+from tasks import CANCELED, Task, TaskStatus, TaskStore, execute, progress_recorder
 
 log = logging.getLogger(__name__)
 
@@ -200,21 +200,16 @@ class EmbeddedBackend:
             self._execute(task)
 
     def _execute(self, task: Task) -> None:
-        deadline = time.monotonic() + self.settings.job_timeout
+        progress = progress_recorder(task, self.settings.job_timeout, self._save,
+                                     lambda: task.task_id in self._cancel_requested)
         status, error = execute(self.generator, task, self.store.load_image(task.task_id),
-                                self.store.result_path(task),
-                                lambda phase, step, total: self._progress(task, deadline, phase, step, total))
+                                self.store.result_path(task), progress)
         with self._cond:
             self._end(task, status, error)
 
-    def _progress(self, task: Task, deadline: float, phase: str, step: int, total: int) -> None:
+    def _save(self, task: Task) -> None:
         with self._cond:
-            if task.task_id in self._cancel_requested:
-                raise TaskCanceled("canceled by request")
-            task.phase, task.step, task.total_steps = phase, step, total
             self.store.save(task)
-        if time.monotonic() > deadline:
-            raise GenerationTimeout(f"the generation ran longer than JOB_TIMEOUT={self.settings.job_timeout} s")
 
     def _end(self, task: Task, status: TaskStatus, error: dict | None) -> None:
         """Record the end of `task` (the caller holds the lock) and wake whoever waits for it."""

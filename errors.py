@@ -83,6 +83,10 @@ class ModelNotReady(ServiceError):
     status, code = 503, "model_not_ready"
 
 
+class BackendUnavailable(ServiceError):
+    status, code = 503, "redis_unavailable"
+
+
 class QueueFull(ServiceError):
     status, code = 503, "queue_full"
 

@@ -32,7 +32,7 @@ WAIT_SLICE = 0.5  # seconds between checks that a synchronous client is still co
 @dataclass
 class Service:
     settings: Settings
-    backend: Any  # EmbeddedBackend
+    backend: Any  # EmbeddedBackend or RedisBackend
 
 
 def create_app(settings: Settings | None = None, *, backend=None, load=None) -> Flask:
@@ -44,7 +44,11 @@ def create_app(settings: Settings | None = None, *, backend=None, load=None) -> 
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's decompression-bomb guard
-    if backend is None:
+    if backend is None and settings.redis:
+        from redis_backend import RedisBackend  # the API of a Redis deployment holds no model
+
+        backend = RedisBackend(settings)
+    elif backend is None:
         if load is None:
             from pipeline import load_generator as load
         backend = EmbeddedBackend(settings, TaskStore(settings.video_output_path), load)

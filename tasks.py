@@ -17,7 +17,7 @@ from typing import Any, Callable
 from PIL import Image
 
 from encoders import FORMATS, encode_video
-from errors import ServiceError, TaskCanceled
+from errors import GenerationTimeout, ServiceError, TaskCanceled
 from images import fit_image
 from params import resolve_defaults
 
@@ -176,3 +176,19 @@ def execute(generator, task: Task, image: Image.Image, out_path: Path,
         log.exception("task %s failed", task.task_id)
         return TaskStatus.FAILED, {"code": "generation_failed", "message": "generation failed; the log has the details"}
     return TaskStatus.FINISHED, None
+
+
+def progress_recorder(task: Task, job_timeout: int, save: Callable[[Task], None],
+                      cancel_requested: Callable[[], bool]) -> Callable[[str, int, int], None]:
+    """The progress callback of a run: records each step, and stops the run when canceled or out of time."""
+    deadline = time.monotonic() + job_timeout
+
+    def progress(phase: str, step: int, total: int) -> None:
+        if cancel_requested():
+            raise TaskCanceled("canceled by request")
+        task.phase, task.step, task.total_steps = phase, step, total
+        save(task)
+        if time.monotonic() > deadline:
+            raise GenerationTimeout(f"the generation ran longer than JOB_TIMEOUT={job_timeout} s")
+
+    return progress

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -167,3 +168,91 @@ def decode_video(data: bytes, fmt: str) -> tuple[np.ndarray, float]:
             frames.append(np.asarray(image.convert("RGB")))
             durations.append(image.info["duration"])
         return np.stack(frames), 1000.0 / float(np.mean(durations))
+
+
+class RedisServer:
+    """Debian's redis-server on a free loopback port, without persistence; restartable on the same port."""
+
+    def __init__(self, tmp_path: Path):
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.dir = tmp_path
+        self.process = None
+
+    def start(self) -> None:
+        redis_server = shutil.which("redis-server")
+        assert redis_server, "redis-server (Debian package) is installed by `make test`"
+        self.process = subprocess.Popen(
+            [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with socket.socket() as sock:
+                if sock.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.05)
+        raise AssertionError("redis-server did not start")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path)
+    server.start()
+    yield server
+    server.stop()
+
+
+class WorkerProcess:
+    """`python worker.py` as a real subprocess, holding the tiny pipeline."""
+
+    def __init__(self, tmp_path: Path, env: dict[str, str], name: str = "worker"):
+        self.log_path = tmp_path / f"{name}.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env={**os.environ, **env},
+                                        stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    @property
+    def name(self) -> str:
+        return f"{socket.gethostname()}:{self.process.pid}"
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def start_workers(tmp_path, tiny_model_dir, redis_server):
+    """start_workers(n, **env) -> n worker processes, once /health (on `client`) counts them ready."""
+    workers = []
+
+    def start(count: int = 1, **env: str) -> list[WorkerProcess]:
+        base = {"REDIS_URL": redis_server.url, "SVD_MODEL": str(tiny_model_dir), "WORKER_TTL": "3", **env}
+        new = [WorkerProcess(tmp_path, base, f"worker{len(workers) + i}") for i in range(count)]
+        workers.extend(new)
+        import redis as redis_client
+
+        connection = redis_client.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            beats = [connection.get(f"vd:worker:{w.name}") for w in new]
+            if all(b and b"\"ready\"" in b for b in beats):
+                return new
+            for worker in new:
+                assert worker.process.poll() is None, worker.logs()
+            time.sleep(0.1)
+        raise AssertionError("workers did not become ready:\n" + "\n".join(w.logs() for w in new))
+
+    yield start
+    for worker in workers:
+        worker.stop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,9 @@ import pytest
 import config
 from config import ConfigError, Settings, load_settings
 from params import params_markdown
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+import gen_docs  # noqa: E402
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -47,7 +51,9 @@ def test_every_setting_has_one_variable():
     assert [f.name for f in dataclasses.fields(Settings)] == [v.name.lower() for v in config.VARIABLES]
 
 
-def test_readme_documents_every_variable_and_parameter():
+def test_readme_tables_and_env_example_are_generated_from_the_schemas():
+    """`make docs` regenerates them; this fails when someone changes a schema and forgets."""
     readme = README.read_text()
-    assert config.variables_markdown() in readme
-    assert params_markdown() in readme
+    assert gen_docs.readme(readme) == readme
+    assert config.variables_markdown() in readme and params_markdown() in readme
+    assert (README.parent / ".env.example").read_text() == gen_docs.env_example()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -138,3 +139,23 @@ def test_gunicorn_loads_the_model_in_the_worker_not_the_master(gunicorn_server):
     worker_pid = int(re.search(r"Booting worker with pid: (\d+)", logs).group(1))
     loaded_in = int(re.search(r"\[(\d+)\] INFO embedded: model ready", logs).group(1))
     assert loaded_in == worker_pid != gunicorn_server.process.pid
+
+
+def test_demo_script_submits_follows_and_downloads(gunicorn_server, tmp_path):
+    (tmp_path / "image.jpg").write_bytes(image_bytes(fmt="JPEG"))
+    result = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parent.parent / "demo.sh"), "image.jpg", "width=64", "height=64",
+         "num_inference_steps=3"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, "API_URL": gunicorn_server.url, "POLL_SECONDS": "0.2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "queued" in result.stdout and "saved output_video.mp4" in result.stdout
+    frames, fps = decode_video((tmp_path / "output_video.mp4").read_bytes(), "mp4")
+    assert frames.shape == (14, 64, 64, 3) and fps == 6
+
+
+def test_demo_script_reports_a_refused_submission(gunicorn_server, tmp_path):
+    (tmp_path / "notes.txt").write_text("not an image")
+    result = subprocess.run(["bash", str(Path(__file__).resolve().parent.parent / "demo.sh"), "notes.txt"],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "API_URL": gunicorn_server.url})
+    assert result.returncode == 1 and "415" in result.stderr and "unsupported_media_type" in result.stderr

@@ -56,3 +56,19 @@ def test_env_example_lists_every_variable():
     example = (ROOT / ".env.example").read_text()
     for var in config.VARIABLES:
         assert re.search(rf"^#? ?{var.name}=", example, re.M), var.name
+
+
+def test_shell_scripts_pass_shellcheck():
+    shellcheck = Path(sys.executable).parent / "shellcheck"
+    result = subprocess.run([str(shellcheck), "demo.sh", ".ci/run"], cwd=ROOT, capture_output=True, text=True,
+                            check=False)
+    assert result.returncode == 0, result.stdout
+
+
+def test_compose_runs_api_worker_and_redis_by_default():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    default = {name for name, service in compose.items() if "profiles" not in service}
+    assert default == {"api", "worker", "redis"}
+    assert "deploy" not in compose["api"] and compose["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert compose["worker"]["command"] == ["python", "worker.py"]
+    assert "8000:5013" in compose["api"]["ports"] and "5013:5013" in compose["api"]["ports"]

@@ -1,0 +1,84 @@
+"""An RQ worker for the Redis mode: `python worker.py`. Start one per GPU, on any machine that reaches Redis.
+
+It loads the pipeline once, then runs jobs in its own process (RQ's SimpleWorker: CUDA does not survive the
+fork RQ's default worker makes per job). SIGTERM lets the running job finish first.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import threading
+import uuid
+
+from rq import SimpleWorker
+
+from config import ConfigError, load_settings
+from redis_backend import QUEUE_NAME, REDIS_ERRORS, WorkerRuntime, connect, install_runtime
+
+log = logging.getLogger("worker")
+
+
+class _Worker(SimpleWorker):
+    """RQ's SimpleWorker that also tells `main` a stop was asked for (RQ handles SIGTERM inside `work`)."""
+
+    stop_requested: threading.Event
+
+    def handle_warm_shutdown_request(self):
+        self.stop_requested.set()
+        super().handle_warm_shutdown_request()
+
+
+def main() -> int:
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"worker.py: {exc}", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    if not settings.redis:
+        print("worker.py: set REDIS_URL (or REDIS_HOST and REDIS_PORT)", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # until RQ installs its own, in work()
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+
+    from pipeline import load_generator
+
+    runtime = WorkerRuntime(settings)
+    install_runtime(runtime)
+    runtime.start_heartbeat()
+    runtime.load(load_generator)
+    try:
+        if runtime.state != "ready":
+            log.error("not taking jobs: %s", runtime.error)
+            stop.wait()  # stay up and visible in /health rather than crash-loop
+            return 1
+        log.info("worker %s ready: %s on %s", runtime.name, runtime.generator.model.label, runtime.generator.device)
+        _work(runtime, stop)
+    finally:
+        runtime.stop()
+    return 0
+
+
+def _work(runtime: WorkerRuntime, stop: threading.Event) -> None:
+    """Run RQ's work loop; when Redis goes away, RQ's loop ends, so start another when it is back."""
+    delay = 1.0
+    connection = connect(runtime.settings.redis, blocking=True)  # RQ blocks on the queue for minutes
+    while not stop.is_set():
+        try:
+            worker = _Worker([QUEUE_NAME], connection=connection,
+                             name=f"{runtime.name}:{uuid.uuid4().hex[:8]}")
+            worker.stop_requested = stop
+            worker.work(logging_level=runtime.settings.log_level.upper())
+            delay = 1.0
+        except REDIS_ERRORS as exc:
+            log.warning("Redis unreachable (%s); retrying in %.0f s", exc, delay)
+            stop.wait(delay)
+            delay = min(delay * 2, 30.0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
