@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
@@ -29,7 +29,17 @@ MAX_IMAGE_PIXELS = 40_000_000
 MAX_QUEUE = 8
 GENERATE_MODE = "sync"
 JOB_TIMEOUT = 1800
+QUEUE_TIMEOUT = 3600
+SYNC_TIMEOUT = 600
+MAX_DIMENSION = 2048
+MAX_STEPS = 100
 WORKER_TTL = 30
+WORKER_METRICS_PORT = 9101
+API_KEY = None
+METRICS_PUBLIC = False
+CORS_ORIGINS = None
+TRUSTED_PROXIES = 0
+LOG_FORMAT = "text"
 REDIS_URL = None
 REDIS_HOST = None
 REDIS_PORT = 6379
@@ -70,6 +80,10 @@ def _int(low: int, high: int | None = None, optional: bool = False) -> Callable[
         return number
 
     return parse
+
+
+def _list(value: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in value.split(",") if item.strip())
 
 
 def _bool(value: str) -> bool:
@@ -118,18 +132,36 @@ VARIABLES = (
     Variable("MAX_UPLOAD_MB", _int(1, 1024), MAX_UPLOAD_MB, "Largest request body, in MiB (413 beyond)."),
     Variable("MAX_IMAGE_PIXELS", _int(4096), MAX_IMAGE_PIXELS,
              "Largest input image, width x height (413 beyond); also Pillow's decompression-bomb limit."),
-    Variable("MAX_QUEUE", _int(0, 1000), MAX_QUEUE,
+    Variable("MAX_QUEUE", _int(0, 100000), MAX_QUEUE,
              "Requests that may wait behind the running one; more get 503 at once."),
+    Variable("MAX_DIMENSION", _int(64, 2048), MAX_DIMENSION,
+             "Largest `width`/`height` (and `sizing=source` side) accepted: a cap for small cards."),
+    Variable("MAX_STEPS", _int(1, 100), MAX_STEPS, "Largest `num_inference_steps` accepted."),
     Variable("GENERATE_MODE", _choice("sync", "async"), GENERATE_MODE,
              "What `POST /generate` does without a `Prefer` header."),
     Variable("JOB_TIMEOUT", _int(1), JOB_TIMEOUT,
              "Seconds one generation may run; it then stops at its next step and fails with `timeout`."),
+    Variable("QUEUE_TIMEOUT", _int(1), QUEUE_TIMEOUT,
+             "Seconds a task may wait in line; after that it fails with `expired` and never runs."),
+    Variable("SYNC_TIMEOUT", _int(1), SYNC_TIMEOUT,
+             "Seconds a synchronous request waits; then 504 with the task id, and the task goes on."),
     Variable("REDIS_URL", _optional_text, REDIS_URL, "Redis for scale-out, e.g. `redis://redis:6379/0`."),
     Variable("REDIS_HOST", _optional_text, REDIS_HOST, "Redis host (seed form; `REDIS_URL` wins)."),
     Variable("REDIS_PORT", _int(1, 65535), REDIS_PORT, "Redis port, with `REDIS_HOST`."),
     Variable("WORKER_TTL", _int(3, 3600), WORKER_TTL,
              "Redis mode: seconds after which a silent worker counts as gone and its task fails `abandoned`."),
+    Variable("WORKER_METRICS_PORT", _int(0, 65535), WORKER_METRICS_PORT,
+             "Redis mode: port each worker serves its Prometheus metrics on (0: off)."),
+    Variable("API_KEY", _list, API_KEY,
+             "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
+             "`Authorization: Bearer <key>` or `X-API-Key: <key>`."),
+    Variable("METRICS_PUBLIC", _bool, METRICS_PUBLIC, "Serve `/metrics` without the API key."),
+    Variable("CORS_ORIGINS", _list, CORS_ORIGINS,
+             "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none."),
+    Variable("TRUSTED_PROXIES", _int(0, 10), TRUSTED_PROXIES,
+             "Reverse proxies in front: trust that many hops of `X-Forwarded-*` (0: ignore them)."),
     Variable("LOG_LEVEL", _choice("debug", "info", "warning", "error"), LOG_LEVEL, "Log verbosity."),
+    Variable("LOG_FORMAT", _choice("text", "json"), LOG_FORMAT, "`json` for one JSON object per log line."),
 )
 
 
@@ -152,13 +184,23 @@ class Settings:
     max_upload_mb: int
     max_image_pixels: int
     max_queue: int
+    max_dimension: int
+    max_steps: int
     generate_mode: str
     job_timeout: int
+    queue_timeout: int
+    sync_timeout: int
     redis_url: str | None
     redis_host: str | None
     redis_port: int
     worker_ttl: int
+    worker_metrics_port: int
+    api_key: tuple[str, ...] | None = field(repr=False)
+    metrics_public: bool
+    cors_origins: tuple[str, ...] | None
+    trusted_proxies: int
     log_level: str
+    log_format: str
 
     @property
     def redis(self) -> str | None:

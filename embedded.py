@@ -10,8 +10,8 @@ from collections import deque
 from typing import Callable
 
 from config import Settings
-from errors import ModelNotReady, QueueFull
-from tasks import CANCELED, Task, TaskStatus, TaskStore, execute, progress_recorder
+from errors import ModelNotReady, QueueFull, ShuttingDown
+from tasks import CANCELED, EXPIRED, SHUTTING_DOWN, Task, TaskStatus, TaskStore, execute, progress_recorder
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +21,11 @@ INTERRUPTED = {"code": "interrupted", "message": "the service stopped while this
 class EmbeddedBackend:
     """Tasks on disk under VIDEO_OUTPUT_PATH, run by one thread of this process."""
 
-    def __init__(self, settings: Settings, store: TaskStore, load: Callable):
+    def __init__(self, settings: Settings, store: TaskStore, load: Callable, telemetry):
         self.settings = settings
         self.store = store
         self._load = load
+        self.telemetry = telemetry
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
         self._active: dict[str, Task] = {}  # queued and started tasks, by id
@@ -32,6 +33,7 @@ class EmbeddedBackend:
         self._reserved = 0  # places taken by submissions still writing to disk
         self._running: Task | None = None
         self._stopping = False
+        self._draining = False
         self.generator = None
         self.model_state = "loading"  # loading, ready, failed
         self.model_error: str | None = None
@@ -54,6 +56,18 @@ class EmbeddedBackend:
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout)
+
+    def drain(self, timeout: float) -> None:
+        """Start nothing new; waiting synchronous requests get 503; wait for the running task to end.
+
+        Queued async tasks stay on disk and run after the next start.
+        """
+        with self._cond:
+            self._draining = True
+            for task_id in [t for t in self._queue if self._active[t].mode == "sync"]:
+                self._queue.remove(task_id)
+                self._end(self._active[task_id], TaskStatus.CANCELED, SHUTTING_DOWN)
+            self._cond.wait_for(lambda: self._running is None, timeout)
 
     def _recover(self) -> None:
         """After a restart: queued async tasks run again; a task that was running ends `interrupted`.
@@ -100,10 +114,14 @@ class EmbeddedBackend:
         with self._cond:
             self._queue.append(task.task_id)
             self._active[task.task_id] = task
+            accepted = copy.deepcopy(task)  # as accepted: the runner may start it the moment the lock is free
             self._cond.notify_all()
-            return copy.deepcopy(task)
+        self.telemetry.task_created(accepted)
+        return accepted
 
     def _check_accepting(self, task: Task) -> None:
+        if self._draining:
+            raise ShuttingDown("the service is shutting down; try again shortly", retry_after=10)
         if self.model_state == "failed":
             raise ModelNotReady(f"the model failed to load: {self.model_error}", retry_after=60)
         if self.model_state == "loading" and task.mode == "sync":
@@ -115,6 +133,7 @@ class EmbeddedBackend:
 
     def get(self, task_id: str) -> Task | None:
         with self._cond:
+            self._expire_overdue()
             if task_id in self._active:
                 return copy.deepcopy(self._active[task_id])
         task = self.store.load(task_id)
@@ -154,6 +173,9 @@ class EmbeddedBackend:
         deadline = time.monotonic() + timeout
         with self._cond:
             while task_id in self._active:
+                self._expire_overdue()
+                if task_id not in self._active:
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return copy.deepcopy(self._active[task_id])
@@ -173,6 +195,21 @@ class EmbeddedBackend:
                 self._cancel_requested.add(task_id)
             return copy.deepcopy(task)
 
+    def _expire_overdue(self) -> None:
+        """Fail tasks that waited longer than QUEUE_TIMEOUT (the caller holds the lock): they never run."""
+        now = time.time()
+        for task_id in [t for t in self._queue if now - self._active[t].created_at > self.settings.queue_timeout]:
+            self._queue.remove(task_id)
+            self._end(self._active[task_id], TaskStatus.FAILED, EXPIRED)
+
+    def metrics_state(self) -> dict:
+        with self._cond:
+            state = {"queue_depth": len(self._queue), "tasks_running": int(self._running is not None),
+                     "model_ready": int(self.model_state == "ready")}
+        if self.generator is not None:
+            state.update({f"gpu_memory_{k}_bytes": v for k, v in self.generator.memory_stats().items()})
+        return state
+
     def health(self) -> dict:
         with self._cond:
             info = {"status": {"ready": "ok"}.get(self.model_state, self.model_state),
@@ -189,14 +226,19 @@ class EmbeddedBackend:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while not self._stopping and (self.model_state != "ready" or not self._queue):
-                    self._cond.wait()
+                while not self._stopping and (self.model_state != "ready" or not self._queue or self._draining):
+                    self._cond.wait(timeout=1.0)  # wakes to expire overdue tasks even when nothing else happens
+                    self._expire_overdue()
                 if self._stopping:
                     return
+                self._expire_overdue()
+                if not self._queue:
+                    continue
                 task = self._active[self._queue.popleft()]
                 task.start()
                 self._running = task
                 self.store.save(task)
+            self.telemetry.task_started(task)
             self._execute(task)
 
     def _execute(self, task: Task) -> None:
@@ -220,3 +262,4 @@ class EmbeddedBackend:
         if self._running is task:
             self._running = None
         self._cond.notify_all()
+        self.telemetry.task_ended(task)

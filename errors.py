@@ -8,21 +8,23 @@ class ServiceError(Exception):
 
     status = 500
     code = "internal_error"
+    headers: dict[str, str] = {}
 
     def __init__(self, message: str, field: str | None = None, retry_after: int | None = None,
-                 code: str | None = None):
+                 code: str | None = None, details: dict | None = None):
         super().__init__(message)
         self.message = message
-        if code:
-            self.code = code
         self.field = field
         self.retry_after = retry_after
+        self.details = details or {}
+        if code:
+            self.code = code
 
     def to_dict(self) -> dict:
         body = {"code": self.code, "message": self.message}
         if self.field:
             body["field"] = self.field
-        return {"error": body}
+        return {"error": body, **self.details}
 
 
 class BadRequest(ServiceError):
@@ -35,6 +37,11 @@ class MissingImage(ServiceError):
 
 class InvalidImage(ServiceError):
     status, code = 400, "invalid_image"
+
+
+class Unauthorized(ServiceError):
+    status, code = 401, "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="video-diffusion"'}
 
 
 class NotFound(ServiceError):
@@ -87,6 +94,22 @@ class BackendUnavailable(ServiceError):
     status, code = 503, "redis_unavailable"
 
 
+class ShuttingDown(ServiceError):
+    status, code = 503, "shutting_down"
+
+
+class QueueExpired(ServiceError):
+    """The task waited longer than QUEUE_TIMEOUT and never ran."""
+
+    status, code = 503, "expired"
+
+
+class WorkerLost(ServiceError):
+    """The worker running the task was killed or lost (Redis mode)."""
+
+    status, code = 503, "abandoned"
+
+
 class QueueFull(ServiceError):
     status, code = 503, "queue_full"
 
@@ -99,6 +122,12 @@ class GenerationTimeout(ServiceError):
     status, code = 504, "timeout"
 
 
+class SyncTimeout(ServiceError):
+    """The synchronous wait ran out; the task goes on and its result is downloadable later."""
+
+    status, code = 504, "sync_timeout"
+
+
 class GenerationFailed(ServiceError):
     status, code = 500, "generation_failed"
 
@@ -108,7 +137,8 @@ class TaskCanceled(ServiceError):
 
 
 # Failures stored on a task carry only a code and a message; this maps a code back to its error.
-BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ModelNotReady)}
+BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ModelNotReady,
+                                     ShuttingDown, InvalidParameter, QueueExpired, WorkerLost)}
 
 
 def from_code(code: str, message: str) -> ServiceError:

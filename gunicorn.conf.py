@@ -4,6 +4,9 @@ One worker process (it holds the one pipeline) with threads for I/O. No preload:
 worker after the fork, since CUDA (and multithreaded torch) do not survive a fork.
 """
 
+import signal
+import threading
+
 from config import load_settings
 
 _settings = load_settings()
@@ -16,5 +19,22 @@ worker_class = "gthread"
 threads = _settings.max_queue + 8
 preload_app = False
 timeout = 120  # worker heartbeat: the generation runs in its own thread, so long jobs don't trip it
-graceful_timeout = _settings.job_timeout  # SIGTERM lets the running generation finish
-accesslog = "-"
+# SIGTERM: the running generation may take up to JOB_TIMEOUT to finish; then gunicorn's own wind-down.
+graceful_timeout = _settings.job_timeout + 30
+accesslog = None  # the app logs one line per request, with its request id
+
+
+def post_worker_init(worker):
+    """On SIGTERM, drain first (health 503, new work refused, running task finishes), then stop as usual."""
+    stop = worker.handle_exit
+
+    def drain_then_stop(signum, frame):
+        def run():
+            try:
+                worker.wsgi.extensions["video_diffusion"].drain()
+            finally:
+                stop(signum, frame)
+
+        threading.Thread(target=run, name="drain", daemon=True).start()
+
+    signal.signal(signal.SIGTERM, drain_then_stop)

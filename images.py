@@ -16,7 +16,6 @@ _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
 )
-MAX_SIDE = 2048
 
 
 def sniff_format(data: bytes) -> str:
@@ -71,7 +70,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def target_size(image_size: tuple[int, int], width: int, height: int, sizing: str) -> tuple[int, int]:
+def target_size(image_size: tuple[int, int], width: int, height: int, sizing: str,
+                max_side: int = 2048) -> tuple[int, int]:
     """The output size for `sizing`: `crop` is width x height; `fit` and `source` snap to multiples of 64."""
     src_w, src_h = image_size
     if sizing == "crop":
@@ -80,9 +80,9 @@ def target_size(image_size: tuple[int, int], width: int, height: int, sizing: st
         scale = min(width / src_w, height / src_h)
         return max(64, int(src_w * scale) // 64 * 64), max(64, int(src_h * scale) // 64 * 64)
     size = (max(64, round(src_w / 64) * 64), max(64, round(src_h / 64) * 64))
-    if max(size) > MAX_SIDE:
-        raise InvalidParameter(f"sizing=source: the image is {src_w}x{src_h}, more than {MAX_SIDE} on a side once "
-                               "rounded to 64; use sizing=fit or crop", field="sizing")
+    if max(size) > max_side:
+        raise InvalidParameter(f"sizing=source: the image is {src_w}x{src_h}, more than {max_side} on a side once "
+                               "rounded to 64 (MAX_DIMENSION); use sizing=fit or crop", field="sizing")
     return size
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from errors import InvalidParameter, UnknownParameter
@@ -86,18 +86,24 @@ PARAMS = (
     Param("format", str, "mp4", "Output: `mp4` (H.264), `webm` (VP9), `gif` (one shared palette), `webp` "
           "(animated).", choices=FORMATS),
 )
-BY_NAME = {p.name: p for p in PARAMS}
+NAMES = tuple(p.name for p in PARAMS)
 
 
-def parse_params(raw: Mapping[str, str]) -> dict[str, Any]:
+def capped(max_dimension: int, max_steps: int) -> tuple[Param, ...]:
+    """The schema as one deployment accepts it: MAX_DIMENSION and MAX_STEPS narrow the ranges."""
+    caps = {"width": max_dimension, "height": max_dimension, "num_inference_steps": max_steps}
+    return tuple(replace(p, maximum=min(p.maximum, caps[p.name])) if p.name in caps else p for p in PARAMS)
+
+
+def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS) -> dict[str, Any]:
     """Validate raw form/query values; returns every parameter, None where the model decides later.
 
     The seed is drawn here when not given, so a client learns it before the task runs.
     """
-    unknown = sorted(set(raw) - set(BY_NAME))
+    unknown = sorted(set(raw) - set(NAMES))
     if unknown:
-        raise UnknownParameter(f"unknown parameter `{unknown[0]}`; known: {', '.join(BY_NAME)}", field=unknown[0])
-    values = {p.name: p.parse(raw[p.name]) if raw.get(p.name, "").strip() else p.default for p in PARAMS}
+        raise UnknownParameter(f"unknown parameter `{unknown[0]}`; known: {', '.join(NAMES)}", field=unknown[0])
+    values = {p.name: p.parse(raw[p.name]) if raw.get(p.name, "").strip() else p.default for p in params}
     if values["min_guidance_scale"] > values["max_guidance_scale"]:
         raise InvalidParameter(
             f"`min_guidance_scale` ({values['min_guidance_scale']}) must not exceed `max_guidance_scale` "
@@ -122,10 +128,10 @@ def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, int
     return resolved
 
 
-def schema() -> list[dict[str, Any]]:
+def schema(params: tuple[Param, ...] = PARAMS) -> list[dict[str, Any]]:
     """The parameters as JSON, for clients and the web page."""
     out = []
-    for p in PARAMS:
+    for p in params:
         item = {"name": p.name, "type": {int: "integer", float: "number", str: "string"}[p.type],
                 "default": p.default, "help": p.help}
         if p.choices:

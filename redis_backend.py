@@ -32,7 +32,7 @@ from rq import Queue
 
 from config import Settings
 from errors import BackendUnavailable, ModelNotReady, QueueFull
-from tasks import CANCELED, Task, TaskStatus, execute, progress_recorder
+from tasks import CANCELED, EXPIRED, Task, TaskStatus, execute, progress_recorder
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,17 @@ def _unavailable_on_redis_errors(method):
 class RedisBackend:
     """The API side: validates nothing itself (the server did), enqueues, reads and cancels."""
 
-    def __init__(self, settings: Settings, connection: redis.Redis | None = None):
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None, *, telemetry):
         self.settings = settings
         self.redis = connection or connect(settings.redis)
         self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        self.telemetry = telemetry
 
     def start(self) -> None:
         """Nothing to start: the workers hold the model."""
+
+    def drain(self, timeout: float) -> None:
+        """Nothing runs in the API process: gunicorn itself waits for the synchronous requests in flight."""
 
     def stop(self) -> None:
         self.redis.close()
@@ -92,6 +96,10 @@ class RedisBackend:
         self.save(task)
         self.redis.srem("vd:started", task.task_id)
         self.redis.delete(_key("input", task.task_id))
+        self.telemetry.task_ended(task)
+
+    def overdue(self, task: Task) -> bool:
+        return task.status is TaskStatus.QUEUED and time.time() - task.created_at > self.settings.queue_timeout
 
     # --- the backend interface the server uses --------------------------------------------------------
 
@@ -111,6 +119,7 @@ class RedisBackend:
         self.queue.enqueue_call("redis_backend.run_job", args=(task.task_id,), job_id=task.task_id,
                                 timeout=self.settings.job_timeout + 60, result_ttl=0,
                                 failure_ttl=self.settings.result_ttl)
+        self.telemetry.task_created(task)
         return task
 
     @_unavailable_on_redis_errors
@@ -119,6 +128,8 @@ class RedisBackend:
         if task is None:
             return None
         self._fail_if_abandoned(task)
+        if self.overdue(task) and self.queue.remove(task_id):  # LREM: only if no worker took it meanwhile
+            self.end(task, TaskStatus.FAILED, EXPIRED)
         if task.status is TaskStatus.FINISHED and time.time() >= task.finished_at + self.settings.result_ttl:
             task.expired = True
         return task
@@ -154,6 +165,15 @@ class RedisBackend:
             return task
         self.redis.set(_key("cancel", task_id), "1", ex=self.settings.job_timeout + 120)
         return task
+
+    def metrics_state(self) -> dict:
+        try:
+            workers, waiting = self.workers(), self.queue.count
+        except REDIS_ERRORS:
+            return {"model_ready": 0}
+        ready = [w for w in workers if w["state"] == "ready"]
+        return {"queue_depth": waiting, "workers_live": len(workers), "model_ready": int(bool(ready)),
+                "tasks_running": sum(1 for w in workers if w.get("task"))}
 
     def workers(self) -> list[dict]:
         names = list(self.redis.scan_iter(match=_key("worker", "*"), count=100))
@@ -191,9 +211,10 @@ class RedisBackend:
 class WorkerRuntime:
     """The worker side: one per `worker.py` process, holding the pipeline the RQ jobs run on."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, telemetry):
         self.settings = settings
-        self.backend = RedisBackend(settings, connect(settings.redis))
+        self.backend = RedisBackend(settings, connect(settings.redis), telemetry=telemetry)
+        self.telemetry = telemetry
         self.name = f"{socket.gethostname()}:{os.getpid()}"
         self.state, self.error, self.generator, self.current = "loading", None, None, None
         self._stop = threading.Event()
@@ -206,6 +227,12 @@ class WorkerRuntime:
             log.exception("the model failed to load")
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
         self.beat()
+
+    def metrics_state(self) -> dict:
+        state = {"tasks_running": int(self.current is not None), "model_ready": int(self.state == "ready")}
+        if self.generator is not None:
+            state.update({f"gpu_memory_{k}_bytes": v for k, v in self.generator.memory_stats().items()})
+        return state
 
     def beat(self) -> None:
         info = {"name": self.name, "state": self.state, "task": self.current, "error": self.error}
@@ -239,8 +266,12 @@ class WorkerRuntime:
         if backend.redis.exists(_key("cancel", task_id)):
             backend.end(task, TaskStatus.CANCELED, CANCELED)
             return
+        if backend.overdue(task):
+            backend.end(task, TaskStatus.FAILED, EXPIRED)
+            return
         task.start(worker=self.name)
         backend.save(task)
+        self.telemetry.task_started(task)
         backend.redis.sadd("vd:started", task_id)
         self.current = task_id
         self.beat()

@@ -2,24 +2,31 @@
 
 from __future__ import annotations
 
+import hmac
 import io
 import logging
+import re
 import select
 import socket
-from dataclasses import dataclass
+import threading
+import time
+import uuid
 from datetime import datetime, timezone
-from typing import Any
 
-from flask import Blueprint, Flask, current_app, jsonify, request, send_file, url_for
+from flask import Blueprint, Flask, current_app, g, jsonify, request, send_file, url_for
 from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
+from werkzeug.middleware.proxy_fix import ProxyFix
 
 import errors
 from config import Settings, load_settings
 from embedded import EmbeddedBackend
-from images import load_image
-from params import parse_params
+from images import load_image, target_size
+from openapi import build_document
+from params import capped, parse_params
 from tasks import Task, TaskStatus, TaskStore, is_task_id, new_task_id
+from telemetry import Telemetry, configure_logging
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
@@ -27,19 +34,35 @@ api = Blueprint("api", __name__)
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 IMAGE_FIELDS = ("image", "file")
 WAIT_SLICE = 0.5  # seconds between checks that a synchronous client is still connected
+PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files
+QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics"}  # probed every few seconds: logged at debug
+REQUEST_ID = re.compile(r"[\w.\-]{1,128}")
+EXPOSED_HEADERS = "Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id"
 
 
-@dataclass
 class Service:
-    settings: Settings
-    backend: Any  # EmbeddedBackend or RedisBackend
+    """What the routes share: settings, the backend, telemetry, the parameter schema and the drain state."""
+
+    def __init__(self, settings: Settings, backend, telemetry: Telemetry):
+        self.settings = settings
+        self.backend = backend
+        self.telemetry = telemetry
+        self.params = capped(settings.max_dimension, settings.max_steps)
+        self.draining = threading.Event()
+
+    def drain(self) -> None:
+        """On SIGTERM: refuse new work, let the running task finish, keep queued async tasks for the next start."""
+        self.draining.set()
+        log.info("draining: /health answers 503, new submissions are refused")
+        self.backend.drain(self.settings.job_timeout)
 
 
-def create_app(settings: Settings | None = None, *, backend=None, load=None) -> Flask:
-    """The Flask app. `backend` and `load` (Settings -> VideoGenerator) are for tests to inject."""
+def create_app(settings: Settings | None = None, *, backend=None, load=None,
+               telemetry: Telemetry | None = None) -> Flask:
+    """The Flask app. `backend`, `load` (Settings -> VideoGenerator) and `telemetry` are for tests to inject."""
     settings = settings or load_settings()
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
+    telemetry = telemetry or Telemetry()
     app = Flask(__name__)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)
@@ -47,14 +70,20 @@ def create_app(settings: Settings | None = None, *, backend=None, load=None) -> 
     if backend is None and settings.redis:
         from redis_backend import RedisBackend  # the API of a Redis deployment holds no model
 
-        backend = RedisBackend(settings)
+        backend = RedisBackend(settings, telemetry=telemetry)
     elif backend is None:
         if load is None:
             from pipeline import load_generator as load
-        backend = EmbeddedBackend(settings, TaskStore(settings.video_output_path), load)
+        backend = EmbeddedBackend(settings, TaskStore(settings.video_output_path), load, telemetry)
         backend.start()
-    app.extensions["video_diffusion"] = Service(settings, backend)
+    telemetry.watch(backend)
+    if settings.trusted_proxies:
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops, x_prefix=hops)
+    app.extensions["video_diffusion"] = Service(settings, backend, telemetry)
     app.register_blueprint(api)
+    app.before_request(_before_request)
+    app.after_request(_after_request)
     app.register_error_handler(errors.ServiceError, _service_error)
     app.register_error_handler(HTTPException, _http_error)
     app.register_error_handler(Exception, _unexpected_error)
@@ -70,8 +99,12 @@ def _service() -> Service:
 @api.post("/generate")
 def generate():
     service = _service()
-    params = parse_params(_raw_params())
+    if service.draining.is_set():
+        raise errors.ShuttingDown("the service is shutting down; try again shortly", retry_after=10)
+    params = parse_params(_raw_params(), service.params)
     image = load_image(_read_image_bytes(), service.settings.max_image_pixels)
+    if params["sizing"] == "source":
+        target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
     mode = _requested_mode(service.settings.generate_mode)
     task = service.backend.submit(Task(task_id=new_task_id(), mode=mode, params=params), image)
     if mode == "async":
@@ -106,8 +139,81 @@ def cancel(task_id: str):
 
 @api.get("/health")
 def health():
-    info = _service().backend.health()
+    service = _service()
+    info = service.backend.health()
+    if service.draining.is_set():
+        info["status"] = "draining"
     return jsonify(info), 200 if info["status"] == "ok" else 503
+
+
+@api.get("/livez")
+def livez():
+    return jsonify({"status": "alive"})
+
+
+@api.get("/metrics")
+def metrics():
+    return generate_latest(_service().telemetry.registry), 200, {"Content-Type": CONTENT_TYPE_LATEST}
+
+
+@api.get("/openapi.json")
+def openapi():
+    return jsonify(build_document(_service().params))
+
+
+# --- every request ----------------------------------------------------------------------------------
+
+def _before_request() -> None:
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+    _authorize()
+
+
+def _authorize() -> None:
+    settings = _service().settings
+    if not settings.api_key or request.method == "OPTIONS" or request.endpoint is None:
+        return  # no keys; a CORS preflight (browsers send no credentials); or an unknown path (404)
+    if request.endpoint in PUBLIC_ENDPOINTS or request.blueprint == "page":
+        return
+    if request.endpoint == "api.metrics" and settings.metrics_public:
+        return
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
+    matched = False
+    for key in settings.api_key:  # every key is compared, in constant time
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not matched:
+        raise errors.Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+
+
+def _after_request(response):
+    service = _service()
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    _add_cors_headers(response, service.settings.cors_origins)
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    service.telemetry.http.labels(request.method, route, str(response.status_code)).inc()
+    duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS else logging.INFO
+    log.log(level, "%s %s %s %.1f ms client=%s task=%s", request.method, request.path, response.status_code,
+            duration_ms, request.remote_addr, response.headers.get("X-Task-Id", "-"),
+            extra={"request_id": g.get("request_id"), "task_id": response.headers.get("X-Task-Id"),
+                   "method": request.method, "path": request.path, "status": response.status_code,
+                   "duration_ms": round(duration_ms, 1)})
+    return response
+
+
+def _add_cors_headers(response, origins) -> None:
+    origin = request.headers.get("Origin")
+    if not origins or not origin or ("*" not in origins and origin not in origins):
+        return
+    response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+    response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+    response.vary.add("Origin")
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, X-API-Key, Content-Type, Prefer, X-Request-Id"
+        response.headers["Access-Control-Max-Age"] = "600"
 
 
 # --- request parsing --------------------------------------------------------------------------------
@@ -159,15 +265,21 @@ def _read_image_bytes() -> bytes:
 # --- responses --------------------------------------------------------------------------------------
 
 def _wait_for(task_id: str) -> Task:
-    """Wait for a synchronous task; a client that hangs up gives up its place (its task is canceled)."""
-    backend = _service().backend
+    """Wait for a synchronous task, up to SYNC_TIMEOUT; a client that hangs up gives up its place."""
+    service = _service()
+    deadline = time.monotonic() + service.settings.sync_timeout
     while True:
-        task = backend.wait(task_id, WAIT_SLICE)
+        task = service.backend.wait(task_id, min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))
         if task.status.terminal:
             return task
+        if time.monotonic() >= deadline:
+            raise errors.SyncTimeout(
+                f"no video within SYNC_TIMEOUT={service.settings.sync_timeout} s; the task goes on: fetch it later",
+                details={"task_id": task_id, "status_url": url_for("api.status", task_id=task_id),
+                         "result_url": url_for("api.results", task_id=task_id)})
         if _client_disconnected():
             log.info("client of task %s hung up; canceling it", task_id)
-            backend.cancel(task_id)
+            service.backend.cancel(task_id)
 
 
 def _client_disconnected() -> bool:
@@ -233,6 +345,7 @@ def _video_response(task: Task):
 def _service_error(exc: errors.ServiceError):
     response = jsonify(exc.to_dict())
     response.status_code = exc.status
+    response.headers.update(exc.headers)
     if exc.retry_after is not None:
         response.headers["Retry-After"] = str(exc.retry_after)
     return response

@@ -23,6 +23,8 @@ from params import resolve_defaults
 
 log = logging.getLogger(__name__)
 CANCELED = {"code": "canceled", "message": "canceled by request"}
+EXPIRED = {"code": "expired", "message": "the task waited longer than QUEUE_TIMEOUT and never ran; submit it again"}
+SHUTTING_DOWN = {"code": "shutting_down", "message": "the service shut down before this task's turn; submit it again"}
 
 _ID = re.compile(r"[0-9a-f]{32}")
 

@@ -12,10 +12,12 @@ import sys
 import threading
 import uuid
 
+from prometheus_client import start_http_server
 from rq import SimpleWorker
 
 from config import ConfigError, load_settings
 from redis_backend import QUEUE_NAME, REDIS_ERRORS, WorkerRuntime, connect, install_runtime
+from telemetry import Telemetry, configure_logging
 
 log = logging.getLogger("worker")
 
@@ -36,8 +38,7 @@ def main() -> int:
     except ConfigError as exc:
         print(f"worker.py: {exc}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s [%(process)d] %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     if not settings.redis:
         print("worker.py: set REDIS_URL (or REDIS_HOST and REDIS_PORT)", file=sys.stderr)
         return 2
@@ -47,7 +48,15 @@ def main() -> int:
 
     from pipeline import load_generator
 
-    runtime = WorkerRuntime(settings)
+    telemetry = Telemetry()
+    runtime = WorkerRuntime(settings, telemetry)
+    telemetry.watch(runtime)
+    if settings.worker_metrics_port:
+        try:
+            start_http_server(settings.worker_metrics_port, registry=telemetry.registry)
+            log.info("metrics on port %d", settings.worker_metrics_port)
+        except OSError as exc:  # a second worker on this host: serving jobs matters more than metrics
+            log.error("no metrics: WORKER_METRICS_PORT=%d: %s", settings.worker_metrics_port, exc)
     install_runtime(runtime)
     runtime.start_heartbeat()
     runtime.load(load_generator)

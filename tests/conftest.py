@@ -213,6 +213,8 @@ class WorkerProcess:
     def __init__(self, tmp_path: Path, env: dict[str, str], name: str = "worker"):
         self.log_path = tmp_path / f"{name}.log"
         self.log = open(self.log_path, "wb")
+        self.metrics_port = free_port()
+        env = {"WORKER_METRICS_PORT": str(self.metrics_port), **env}
         self.process = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env={**os.environ, **env},
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 

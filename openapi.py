@@ -1,0 +1,138 @@
+"""The OpenAPI 3.1 document of the service, with the generation parameters taken from the one schema."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from params import Param
+
+JSON = "application/json"
+
+
+def _param_schema(param: Param) -> dict[str, Any]:
+    schema: dict[str, Any] = {"description": param.help}
+    if param.choices:
+        schema.update(type="string", enum=list(param.choices), default=param.default)
+        return schema
+    schema.update(type="integer" if param.type is int else "number", minimum=param.minimum, maximum=param.maximum)
+    if param.multiple_of:
+        schema["multipleOf"] = param.multiple_of
+    if param.default is not None:
+        schema["default"] = param.default
+    return schema
+
+
+def _ref(name: str) -> dict[str, str]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema_name: str, description: str) -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": _ref(schema_name)}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    meanings = {400: "No image, or one that does not decode.", 401: "Missing or wrong API key (when API_KEY is set).",
+                404: "No task with this id (unknown and malformed ids alike).", 409: "The task did not finish.",
+                410: "The video was deleted after RESULT_TTL.", 413: "Body over MAX_UPLOAD_MB, or image over "
+                "MAX_IMAGE_PIXELS.", 415: "Not a PNG, JPEG or WebP image.", 422: "A parameter is unknown, of the "
+                "wrong type or out of range.", 500: "Generation failed.", 503: "Model not ready, line full, "
+                "shutting down, or Redis unreachable (Retry-After).", 504: "The generation or the synchronous wait "
+                "ran out of time.", 507: "The GPU ran out of memory for this request."}
+    return {str(code): _json("Error", meanings[code]) for code in codes}
+
+
+_VIDEO = {"description": "The video.", "headers": {
+    name: {"schema": {"type": "string"}, "description": text} for name, text in (
+        ("X-Seed", "The seed used."), ("X-Model", "The model that made it."), ("X-Task-Id", "The task's id."),
+        ("Server-Timing", "queue, generate and encode durations in ms."))},
+    "content": {media: {"schema": {"type": "string", "contentMediaType": media}}
+                for media in ("video/mp4", "video/webm", "image/gif", "image/webp")}}
+
+
+def _task_path(summary: str, responses: dict[str, Any], method: str = "get") -> dict[str, Any]:
+    return {method: {"summary": summary, "parameters": [{"name": "task_id", "in": "path", "required": True,
+                                                         "schema": {"type": "string"}}],
+                     "responses": responses}}
+
+
+def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
+    """The document, with the parameter ranges this deployment accepts (MAX_DIMENSION, MAX_STEPS)."""
+    fields = {p.name: _param_schema(p) for p in params}
+    image = {"type": "string", "contentMediaType": "application/octet-stream",
+             "description": "PNG, JPEG or WebP, recognised by its bytes."}
+    query = [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in fields.items()]
+    prefer = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string", "enum": [
+        "respond-async", "wait"]}, "description": "`respond-async`: answer 202 with a task id; `wait`: the video."}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "video-diffusion", "version": "1.0.0",
+                 "description": "One image in, a short video out, with Stable Video Diffusion."},
+        "paths": {
+            "/generate": {"post": {
+                "summary": "Generate a video from an image (synchronously, or as a task with Prefer: respond-async).",
+                "parameters": [prefer, *query],
+                "requestBody": {"required": True, "content": {
+                    "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
+                                                       "properties": {"image": image, **fields},
+                                                       "additionalProperties": False}},
+                    **{media: {"schema": {"type": "string", "contentMediaType": media}} for media in
+                       ("image/png", "image/jpeg", "image/webp")}}},
+                "responses": {"200": _VIDEO, "202": _json("Task", "Accepted: the task, queued."),
+                              **_errors(400, 401, 413, 415, 422, 500, 503, 504, 507)}}},
+            "/status/{task_id}": _task_path("A task: status, progress, parameters, error, result URL.", {
+                "200": _json("Task", "The task."), **_errors(401, 404, 503)}),
+            "/results/{task_id}": _task_path("A task's video once finished.", {
+                "200": _VIDEO, "202": _json("Task", "Not finished yet."), **_errors(401, 404, 409, 410, 503)}),
+            "/tasks/{task_id}": _task_path("Cancel a task.", {
+                "200": _json("Task", "Canceled."), "202": _json("Task", "Running: it stops at its next step."),
+                **_errors(401, 404, 409, 503)}, method="delete"),
+            "/health": {"get": {"summary": "Readiness: 200 once a model (or, with Redis, a worker) is ready.",
+                                "responses": {"200": _json("Health", "Ready."),
+                                              "503": _json("Health", "Loading, failed, draining or no worker.")}}},
+            "/livez": {"get": {"summary": "Liveness: 200 whenever the process answers.",
+                               "responses": {"200": {"description": "Alive.", "content": {JSON: {"schema": {
+                                   "type": "object", "properties": {"status": {"const": "alive"}}}}}}}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {
+                "200": {"description": "Text exposition format.",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
+            "/openapi.json": {"get": {"summary": "This document.", "responses": {
+                "200": {"description": "OpenAPI 3.1.", "content": {JSON: {"schema": {"type": "object"}}}},
+                **_errors(401)}}},
+        },
+        "components": {
+            "schemas": {"Error": _ERROR, "Task": _task_schema(), "Health": _HEALTH},
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"},
+                                "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key"}},
+        },
+        "security": [{}, {"bearer": []}, {"apiKey": []}],
+    }
+
+
+_ERROR = {"type": "object", "required": ["error"], "properties": {
+    "error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}, "field": {"type": "string"}}},
+    "task_id": {"type": "string"}, "status_url": {"type": "string"}, "result_url": {"type": "string"}}}
+
+_HEALTH = {"type": "object", "required": ["status"], "properties": {
+    "status": {"type": "string", "enum": ["ok", "loading", "failed", "draining", "no_workers", "unavailable"]},
+    "model": {"type": "string"}, "device": {"type": "string"}, "dtype": {"type": "string"},
+    "waiting": {"type": "integer"}, "running": {"type": "integer"}, "error": {"type": "string"},
+    "mode": {"type": "string"}, "redis": {"type": "string"}, "workers": {"type": "integer"}}}
+
+
+def _task_schema() -> dict[str, Any]:
+    nullable_string = {"type": ["string", "null"]}
+    return {"type": "object", "required": ["task_id", "status", "progress", "params", "seed"], "properties": {
+        "task_id": {"type": "string", "pattern": "^[0-9a-f]{32}$"},
+        "status": {"type": "string", "enum": ["queued", "started", "finished", "failed", "canceled"]},
+        "mode": {"type": "string", "enum": ["sync", "async"]},
+        "progress": {"type": "object", "properties": {
+            "phase": {"type": "string", "enum": ["waiting", "loading", "denoising", "decoding", "encoding", "done"]},
+            "step": {"type": "integer"}, "total": {"type": ["integer", "null"]}}},
+        "queue_position": {"type": ["integer", "null"], "minimum": 1},
+        "created_at": {"type": "string"}, "started_at": nullable_string, "finished_at": nullable_string,
+        "seed": {"type": "integer"}, "params": {"type": "object"}, "model": nullable_string,
+        "timings": {"type": "object", "additionalProperties": {"type": "number"}},
+        "error": {"type": ["object", "null"], "properties": {"code": {"type": "string"},
+                                                              "message": {"type": "string"}}},
+        "expired": {"type": "boolean"}, "status_url": {"type": "string"}, "result_url": nullable_string}}
