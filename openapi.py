@@ -49,10 +49,16 @@ _VIDEO = {"description": "The video.", "headers": {
                 for media in ("video/mp4", "video/webm", "image/gif", "image/webp")}}
 
 
-def _task_path(summary: str, responses: dict[str, Any], method: str = "get") -> dict[str, Any]:
-    return {method: {"summary": summary, "parameters": [{"name": "task_id", "in": "path", "required": True,
-                                                         "schema": {"type": "string"}}],
+def _task_path(operation_id: str, summary: str, responses: dict[str, Any], method: str = "get") -> dict[str, Any]:
+    return {method: {"operationId": operation_id, "summary": summary,
+                     "parameters": [{"name": "task_id", "in": "path", "required": True,
+                                     "schema": {"type": "string"}}],
                      "responses": responses}}
+
+
+# From an accepted task to what can be done with it: clients (and fuzzers) can follow these.
+_TASK_LINKS = {name: {"operationId": operation, "parameters": {"task_id": "$response.body#/task_id"}}
+               for name, operation in (("status", "getStatus"), ("results", "getResults"), ("cancel", "cancelTask"))}
 
 
 def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
@@ -77,13 +83,15 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                                                        "additionalProperties": False}},
                     **{media: {"schema": {"type": "string", "contentMediaType": media}} for media in
                        ("image/png", "image/jpeg", "image/webp")}}},
-                "responses": {"200": _VIDEO, "202": _json("Task", "Accepted: the task, queued."),
+                "operationId": "generate",
+                "responses": {"200": _VIDEO, "202": {**_json("Task", "Accepted: the task, queued."),
+                                                     "links": _TASK_LINKS},
                               **_errors(400, 401, 413, 415, 422, 500, 503, 504, 507)}}},
-            "/status/{task_id}": _task_path("A task: status, progress, parameters, error, result URL.", {
+            "/status/{task_id}": _task_path("getStatus", "A task: status, progress, parameters, error, result URL.", {
                 "200": _json("Task", "The task."), **_errors(401, 404, 503)}),
-            "/results/{task_id}": _task_path("A task's video once finished.", {
+            "/results/{task_id}": _task_path("getResults", "A task's video once finished.", {
                 "200": _VIDEO, "202": _json("Task", "Not finished yet."), **_errors(401, 404, 409, 410, 503)}),
-            "/tasks/{task_id}": _task_path("Cancel a task.", {
+            "/tasks/{task_id}": _task_path("cancelTask", "Cancel a task.", {
                 "200": _json("Task", "Canceled."), "202": _json("Task", "Running: it stops at its next step."),
                 **_errors(401, 404, 409, 503)}, method="delete"),
             "/health": {"get": {"summary": "Readiness: 200 once a model (or, with Redis, a worker) is ready.",

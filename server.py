@@ -363,8 +363,14 @@ def _http_error(exc: HTTPException):
         message = exc.description or exc.name
     error_class = _HTTP_CODES.get(exc.code)
     if error_class is None:
-        return jsonify({"error": {"code": "http_error", "message": message}}), exc.code
-    return _service_error(error_class(message))
+        response = jsonify({"error": {"code": "http_error", "message": message}})
+        response.status_code = exc.code
+    else:
+        response = _service_error(error_class(message))
+    for name, value in exc.get_headers():  # e.g. `Allow` on a 405
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
 
 
 def _unexpected_error(exc: Exception):

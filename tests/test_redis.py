@@ -9,6 +9,7 @@ import sys
 import time
 
 import pytest
+import requests
 
 from conftest import ROOT, SMALL, decode_video, image_bytes, settings_for, upload
 from server import create_app
@@ -43,7 +44,7 @@ def test_health_needs_a_ready_worker(api, start_workers):
 
 
 def test_async_flow_through_a_worker(api, start_workers):
-    start_workers(1)
+    (worker,) = start_workers(1)
     response = submit(api, **dict(SMALL, num_inference_steps=12, seed=5))
     assert response.status_code == 202
     task_id = response.json["task_id"]
@@ -56,6 +57,14 @@ def test_async_flow_through_a_worker(api, start_workers):
     assert video.status_code == 200 and video.headers["X-Seed"] == "5"
     assert int(video.headers["Content-Length"]) == len(video.data)
     assert decode_video(video.data, "mp4")[0].shape == (14, 64, 64, 3)
+
+    api_metrics = api.get("/metrics").get_data(as_text=True)
+    assert "video_diffusion_workers_live 1.0" in api_metrics and "video_diffusion_queue_depth 0.0" in api_metrics
+    assert 'video_diffusion_tasks_created_total{mode="async"} 1.0' in api_metrics
+    worker_metrics = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+    assert "video_diffusion_tasks_completed_total 1.0" in worker_metrics
+    assert "video_diffusion_generation_seconds_count 1.0" in worker_metrics
+    assert "video_diffusion_model_ready 1.0" in worker_metrics
 
 
 def test_sync_call_waits_for_the_worker_and_returns_the_video(api, start_workers):

@@ -1,0 +1,95 @@
+"""The OpenAPI document: complete, and the running service keeps to it under generated and fuzzed input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+from urllib.parse import quote
+
+import hypothesis.strategies as st
+import pytest
+from hypothesis import HealthCheck, given, settings
+
+from conftest import SMALL, Gunicorn, image_bytes, settings_for, upload, wait_ready
+from server import create_app
+
+# Bounded cost: every generation the fuzzer asks for is 64x64 and at most 2 steps, so it answers in well
+# under a second; the caps narrow the document too, so no valid request is refused.
+FUZZ_ENV = {"MAX_DIMENSION": "64", "MAX_STEPS": "2", "MAX_QUEUE": "100000", "SYNC_TIMEOUT": "120"}
+
+
+@pytest.mark.slow
+def test_schemathesis_finds_no_server_error_and_no_departure_from_the_document(tmp_path, tiny_model_dir):
+    server = Gunicorn(tmp_path, {"SVD_MODEL": str(tiny_model_dir), **FUZZ_ENV})
+    try:
+        server.wait_ready()
+        # positive_data_acceptance is left out: no schema can say which bytes decode as an image, so
+        # schema-valid uploads are rightly refused with 415.
+        result = subprocess.run(
+            [str(Path(sys.executable).parent / "schemathesis"), "run", f"{server.url}/openapi.json",
+             "--max-examples", "30", "--seed", "1", "--workers", "1", "--request-timeout", "150",
+             "--exclude-checks", "positive_data_acceptance", "--output-truncate", "true"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+    finally:
+        server.stop()
+    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
+    assert " passed" in result.stdout
+
+
+def test_the_document_lists_every_route(client):
+    document = client.get("/openapi.json").json
+    assert document["openapi"].startswith("3.1")
+    routes = {rule.rule.replace("<path:task_id>", "{task_id}") for rule in client.application.url_map.iter_rules()
+              if rule.endpoint.startswith("api.")}
+    assert routes == set(document["paths"])
+    form = document["paths"]["/generate"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert set(form["properties"]) == {"image", "motion_bucket_id", "fps", "num_frames", "decode_chunk_size",
+                                       "num_inference_steps", "noise_aug_strength", "min_guidance_scale",
+                                       "max_guidance_scale", "seed", "width", "height", "sizing", "format"}
+    assert form["properties"]["fps"] == {"description": form["properties"]["fps"]["description"], "type": "integer",
+                                         "minimum": 1, "maximum": 30, "default": 6}
+
+
+@pytest.fixture(scope="module")
+def fuzz_client(tmp_path_factory, generator):
+    app = create_app(settings_for(tmp_path_factory.mktemp("fuzz"), **FUZZ_ENV), load=lambda _s: generator)
+    client = app.test_client()
+    wait_ready(client)
+    yield client
+    app.extensions["video_diffusion"].backend.stop()
+
+
+FUZZ = settings(max_examples=40, deadline=20_000, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                          HealthCheck.too_slow])
+VALID = [image_bytes(size=(40, 30)), image_bytes(size=(40, 30), fmt="JPEG"), image_bytes(size=(40, 30), fmt="WEBP")]
+
+
+@FUZZ
+@given(data=st.binary(max_size=4096))
+def test_random_bytes_as_an_image_get_a_4xx(fuzz_client, data):
+    response = fuzz_client.post("/generate", data=upload(data, **SMALL))
+    assert 400 <= response.status_code < 500, response.json
+    assert response.json["error"]["code"] in ("missing_image", "invalid_image", "unsupported_media_type")
+
+
+@FUZZ
+@given(original=st.sampled_from(VALID), flips=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)),
+                                                      max_size=8), cut=st.integers(0, 10_000))
+def test_mutated_images_are_videos_or_4xx_never_5xx(fuzz_client, original, flips, cut):
+    data = bytearray(original)
+    for position, value in flips:
+        data[position % len(data)] = value
+    data = bytes(data[: max(1, len(data) - cut % len(data))])
+    response = fuzz_client.post("/generate", data=upload(data, **dict(SMALL, num_inference_steps=1)))
+    assert response.status_code == 200 or 400 <= response.status_code < 500, response.get_data()[:300]
+
+
+@FUZZ
+@given(task_id=st.text(max_size=80))
+def test_any_task_id_is_404_never_5xx(fuzz_client, task_id):
+    quoted = quote(task_id, safe="")
+    for method, path in (("get", "/status/"), ("get", "/results/"), ("delete", "/tasks/")):
+        response = getattr(fuzz_client, method)(path + quoted)
+        assert response.status_code == 404 and response.json["error"]["code"] == "not_found"

@@ -1,0 +1,80 @@
+"""SIGTERM to gunicorn: drain (503s at once), finish the running task, keep queued tasks for the next start."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import requests
+
+from conftest import SMALL, Gunicorn, image_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def post(server, prefer, **params):
+    return requests.post(server.url + "/generate", files={"image": ("i.png", image_bytes(), "image/png")},
+                         data=params, headers={"Prefer": prefer}, timeout=60)
+
+
+def test_sigterm_drains_finishes_the_running_task_and_keeps_the_queue(tmp_path, tiny_model_dir):
+    env = {"SVD_MODEL": str(tiny_model_dir)}
+    server = Gunicorn(tmp_path, env)
+    try:
+        server.wait_ready()
+        running = post(server, "respond-async", **dict(SMALL, num_inference_steps=100)).json()["task_id"]
+        queued = post(server, "respond-async", **SMALL).json()["task_id"]
+        with ThreadPoolExecutor(1) as pool:
+            waiting_sync = pool.submit(post, server, "wait", **SMALL)
+            deadline = time.monotonic() + 20
+            while requests.get(server.url + "/health", timeout=5).json()["waiting"] < 2:
+                assert time.monotonic() < deadline
+                time.sleep(0.02)
+            server.process.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            health = requests.get(server.url + "/health", timeout=5)
+            assert health.status_code == 503 and health.json()["status"] == "draining"
+            assert requests.get(server.url + "/livez", timeout=5).status_code == 200
+            refused = post(server, "respond-async", **SMALL)
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+            sync = waiting_sync.result()
+            assert sync.status_code == 503 and sync.json()["error"]["code"] == "shutting_down"
+        assert server.process.wait(60) == 0
+    finally:
+        server.stop()
+
+    record = json.loads((server.output / running / "task.json").read_text())
+    assert record["status"] == "finished" and record["step"] == 100
+    assert json.loads((server.output / queued / "task.json").read_text())["status"] == "queued"
+
+    restarted = Gunicorn(tmp_path, env)
+    try:
+        restarted.wait_ready()
+        deadline = time.monotonic() + 30
+        while requests.get(f"{restarted.url}/status/{queued}", timeout=5).json()["status"] != "finished":
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert requests.get(f"{restarted.url}/results/{running}", timeout=5).status_code == 200
+    finally:
+        restarted.stop()
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(gunicorn_server):
+    with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 524288000\r\n\r\n--b\r\n")  # says 500 MB, sends a few bytes
+        started = time.monotonic()
+        answer = b""
+        while b"payload_too_large" not in answer and time.monotonic() - started < 10:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413")
+    assert time.monotonic() - started < 5
+    assert '"payload_too_large"' in answer
