@@ -27,6 +27,7 @@ COPY requirements.txt .
 RUN pip install torch==2.13.0 && pip install -r requirements.txt
 
 COPY *.py ./
+COPY static/ ./static/
 USER 10001
 EXPOSE 5013
 # The model cache (Hugging Face downloads) and the videos outlive the container.

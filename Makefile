@@ -38,6 +38,10 @@ system-deps:
 test: $(VENV)/.test-installed system-deps
 	$(PY) -m pytest
 
+# Runs everything in bench/ on this machine and rewrites BENCHMARKS.md (BENCH_MODEL=svd-xt on a GPU machine).
+bench: $(VENV)/.test-installed
+	$(PY) bench/run.py
+
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/hadolint Dockerfile
 

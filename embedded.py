@@ -215,8 +215,8 @@ class EmbeddedBackend:
             info = {"status": {"ready": "ok"}.get(self.model_state, self.model_state),
                     "waiting": len(self._queue), "running": int(self._running is not None)}
             if self.generator is not None:
-                info.update(model=self.generator.model.label, device=self.generator.device,
-                            dtype=self.generator.dtype)
+                info.update(model=self.generator.model.label, noise=self.generator.model.noise,
+                            device=self.generator.device, dtype=self.generator.dtype)
             if self.model_error:
                 info["error"] = self.model_error
             return info

@@ -27,12 +27,15 @@ FORMATS = {
 # ffmpeg output options per format. MP4: H.264 yuv420p (plays everywhere), moov before mdat so a browser
 # starts playing before the whole file arrives.
 _FFMPEG_ARGS = {
-    "mp4": ["-c:v", "libx264", "-preset", "veryfast", "-crf", "18", "-pix_fmt", "yuv420p",
+    "mp4": ["-c:v", "libx264", "-preset", "superfast", "-crf", "18", "-pix_fmt", "yuv420p",
             "-movflags", "+faststart", "-f", "mp4"],
     "webm": ["-c:v", "libvpx-vp9", "-crf", "32", "-b:v", "0", "-cpu-used", "4", "-row-mt", "1",
              "-pix_fmt", "yuv420p", "-f", "webm"],
     "webp": ["-c:v", "libwebp_anim", "-lossless", "0", "-quality", "80", "-loop", "0", "-f", "webp"],
 }
+
+
+GIF_COLOURS = 224
 
 
 class EncodingError(RuntimeError):
@@ -61,13 +64,15 @@ def _encode_ffmpeg(frames: np.ndarray, fps: int, output_args: list[str], path: s
 
 
 def _encode_gif(frames: np.ndarray, fps: int, path: str) -> None:
-    # One palette for the whole clip (per-frame palettes flicker), built by median cut from a sample of
-    # pixels across frames: ten times faster here than ffmpeg's palettegen/paletteuse at the same PSNR.
+    # One palette for the whole clip (per-frame palettes flicker): median cut over a sample of pixels across
+    # frames, refined by k-means, no dithering (dither noise costs PSNR and doubles the size). 224 colours:
+    # smaller than diffusers' export_to_gif at better PSNR, in a tenth of its time (BENCHMARKS.md).
     step = max(1, len(frames) // 8)
-    stride = max(1, min(frames.shape[1:3]) // 128)
+    stride = max(1, min(frames.shape[1:3]) // 64)
     sample = frames[::step, ::stride, ::stride]
-    palette = Image.fromarray(sample.reshape(-1, sample.shape[2], 3)).quantize(256, method=Image.Quantize.MEDIANCUT)
-    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.FLOYDSTEINBERG) for f in frames]
+    palette = Image.fromarray(sample.reshape(-1, sample.shape[2], 3)).quantize(
+        GIF_COLOURS, method=Image.Quantize.MEDIANCUT, kmeans=1)
+    images = [Image.fromarray(f).quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
     # GIF delays are whole hundredths of a second: round the running timestamps, not each delay, so the
     # average rate is exact (8 fps alternates 12 and 13 hundredths).
     ticks = [round(i * 100 / fps) for i in range(len(images) + 1)]

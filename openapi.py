@@ -89,6 +89,14 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                               **_errors(400, 401, 413, 415, 422, 500, 503, 504, 507)}}},
             "/status/{task_id}": _task_path("getStatus", "A task: status, progress, parameters, error, result URL.", {
                 "200": _json("Task", "The task."), **_errors(401, 404, 503)}),
+            "/status/{task_id}/events": _task_path("getStatusEvents", "Server-Sent Events: a `status` event (the "
+                                                   "task as JSON) at every change, until the task ends.", {
+                "200": {"description": "text/event-stream", "content": {"text/event-stream": {
+                    "schema": {"type": "string"}}}}, **_errors(401, 404, 503)}),
+            "/params": {"get": {"summary": "The generation parameters, their defaults, ranges and help.",
+                                "responses": {"200": {"description": "The parameter schema.", "content": {JSON: {
+                                    "schema": {"type": "object", "properties": {"params": {"type": "array"}}}}}},
+                                    **_errors(401)}}},
             "/results/{task_id}": _task_path("getResults", "A task's video once finished.", {
                 "200": _VIDEO, "202": _json("Task", "Not finished yet."), **_errors(401, 404, 409, 410, 503)}),
             "/tasks/{task_id}": _task_path("cancelTask", "Cancel a task.", {
@@ -123,7 +131,8 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {
 
 _HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": ["ok", "loading", "failed", "draining", "no_workers", "unavailable"]},
-    "model": {"type": "string"}, "device": {"type": "string"}, "dtype": {"type": "string"},
+    "model": {"type": "string"}, "noise": {"type": "boolean"}, "device": {"type": "string"},
+    "dtype": {"type": "string"},
     "waiting": {"type": "integer"}, "running": {"type": "integer"}, "error": {"type": "string"},
     "mode": {"type": "string"}, "redis": {"type": "string"}, "workers": {"type": "integer"}}}
 

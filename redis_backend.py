@@ -190,7 +190,7 @@ class RedisBackend:
                 "workers_not_ready": len(workers) - len(ready), "waiting": waiting,
                 "running": sum(1 for w in workers if w.get("task"))}
         if ready:
-            info.update({k: ready[0][k] for k in ("model", "device", "dtype")})
+            info.update({k: ready[0][k] for k in ("model", "noise", "device", "dtype")})
         return info
 
     def reap_abandoned(self) -> None:
@@ -237,7 +237,8 @@ class WorkerRuntime:
     def beat(self) -> None:
         info = {"name": self.name, "state": self.state, "task": self.current, "error": self.error}
         if self.generator is not None:
-            info.update(model=self.generator.model.label, device=self.generator.device, dtype=self.generator.dtype)
+            info.update(model=self.generator.model.label, noise=self.generator.model.noise,
+                        device=self.generator.device, dtype=self.generator.dtype)
         self.backend.redis.set(_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
 
     def start_heartbeat(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import io
+import json
 import logging
 import re
 import select
@@ -13,7 +14,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 
-from flask import Blueprint, Flask, current_app, g, jsonify, request, send_file, url_for
+from flask import Blueprint, Flask, Response, current_app, g, jsonify, request, send_file, stream_with_context, url_for
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.exceptions import HTTPException
@@ -24,18 +25,21 @@ from config import Settings, load_settings
 from embedded import EmbeddedBackend
 from images import load_image, target_size
 from openapi import build_document
-from params import capped, parse_params
+from params import capped, parse_params, schema
 from tasks import Task, TaskStatus, TaskStore, is_task_id, new_task_id
 from telemetry import Telemetry, configure_logging
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
+page = Blueprint("page", __name__, static_folder="static", static_url_path="/static")
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 IMAGE_FIELDS = ("image", "file")
 WAIT_SLICE = 0.5  # seconds between checks that a synchronous client is still connected
-PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files
-QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics"}  # probed every few seconds: logged at debug
+PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files (blueprint "page")
+EVENT_INTERVAL = 0.25  # seconds between checks of a task followed by /status/<id>/events
+EVENT_KEEPALIVE = 15.0  # seconds between comment lines that keep proxies from closing an idle stream
+QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics", "page.static"}  # probed every few seconds: logged at debug
 REQUEST_ID = re.compile(r"[\w.\-]{1,128}")
 EXPOSED_HEADERS = "Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id"
 
@@ -63,7 +67,7 @@ def create_app(settings: Settings | None = None, *, backend=None, load=None,
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
     telemetry = telemetry or Telemetry()
-    app = Flask(__name__)
+    app = Flask(__name__, static_folder=None)  # the page blueprint serves the files, publicly
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)
     Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's decompression-bomb guard
@@ -82,6 +86,7 @@ def create_app(settings: Settings | None = None, *, backend=None, load=None,
         app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops, x_host=hops, x_port=hops, x_prefix=hops)
     app.extensions["video_diffusion"] = Service(settings, backend, telemetry)
     app.register_blueprint(api)
+    app.register_blueprint(page)
     app.before_request(_before_request)
     app.after_request(_after_request)
     app.register_error_handler(errors.ServiceError, _service_error)
@@ -115,6 +120,33 @@ def generate():
 @api.get("/status/<path:task_id>")
 def status(task_id: str):
     return _status_response(_find(task_id), 200)
+
+
+@api.get("/status/<task_id>/events")
+def status_events(task_id: str):
+    """Server-Sent Events: one `status` event per change of the task, until it ends (`curl -N` reads it)."""
+    task = _find(task_id)
+    backend = _service().backend
+
+    def events():
+        last, idle = None, 0.0
+        current = task
+        while True:
+            body = _status_body(current)
+            if body != last:
+                yield f"event: status\ndata: {json.dumps(body)}\n\n"
+                last, idle = body, 0.0
+            if current.status.terminal:
+                return
+            time.sleep(EVENT_INTERVAL)
+            idle += EVENT_INTERVAL
+            if idle >= EVENT_KEEPALIVE:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            current = backend.get(task_id) or current
+
+    return Response(stream_with_context(events()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Task-Id": task.task_id})
 
 
 @api.get("/results/<path:task_id>")
@@ -159,6 +191,17 @@ def metrics():
 @api.get("/openapi.json")
 def openapi():
     return jsonify(build_document(_service().params))
+
+
+@api.get("/params")
+def params():
+    """The generation parameters as this deployment accepts them: what the web page builds its controls from."""
+    return jsonify({"params": schema(_service().params)})
+
+
+@page.get("/")
+def index():
+    return page.send_static_file("index.html")
 
 
 # --- every request ----------------------------------------------------------------------------------
@@ -298,8 +341,16 @@ def _iso(timestamp: float | None) -> str | None:
 
 
 def _status_response(task: Task, status_code: int, **headers: str):
-    """The task as clients see it, from `/status`, a 202 `/results`, `DELETE /tasks` and async submission."""
-    body = {
+    """The task as JSON, from `/status`, a 202 `/results`, `DELETE /tasks` and async submission."""
+    response = jsonify(_status_body(task))
+    response.status_code = status_code
+    response.headers.update({"X-Task-Id": task.task_id, **headers})
+    return response
+
+
+def _status_body(task: Task) -> dict:
+    """The task as clients see it."""
+    return {
         "task_id": task.task_id, "status": task.status.value, "mode": task.mode,
         "progress": {"phase": task.phase, "step": task.step, "total": task.total_steps},
         "queue_position": _service().backend.queue_position(task.task_id)
@@ -312,10 +363,6 @@ def _status_response(task: Task, status_code: int, **headers: str):
         "result_url": url_for("api.results", task_id=task.task_id)
         if task.status is TaskStatus.FINISHED and not task.expired else None,
     }
-    response = jsonify(body)
-    response.status_code = status_code
-    response.headers.update({"X-Task-Id": task.task_id, **headers})
-    return response
 
 
 def _video_response(task: Task):

@@ -147,10 +147,13 @@ def test_sync_and_async_requests_share_one_line_in_arrival_order(client):
     client.delete(f"/tasks/{holder}")
     for thread in threads:
         thread.join(30)
+    assert len(sync_ids) == 2
     sync_iter = iter(sync_ids)
     ids = [next(sync_iter) if kind == "sync" else value for kind, value in order]
-    started = [client.get(f"/status/{task_id}").json["started_at"] for task_id in ids]
-    assert None not in started and started == sorted(started)
+    finals = [poll(client, task_id, ended) for task_id in ids]
+    assert [f["status"] for f in finals] == ["finished"] * 4
+    started = [f["started_at"] for f in finals]
+    assert started == sorted(started)
 
 
 class RaisesOom:

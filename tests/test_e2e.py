@@ -159,3 +159,21 @@ def test_demo_script_reports_a_refused_submission(gunicorn_server, tmp_path):
                             cwd=tmp_path, capture_output=True, text=True, timeout=60, check=False,
                             env={**os.environ, "API_URL": gunicorn_server.url})
     assert result.returncode == 1 and "415" in result.stderr and "unsupported_media_type" in result.stderr
+
+
+def test_curl_reads_the_progress_events(gunicorn_server):
+    task_id = post_async(gunicorn_server, **dict(SMALL, num_inference_steps=20))
+    result = subprocess.run(["curl", "-sS", "-N", f"{gunicorn_server.url}/status/{task_id}/events"],
+                            capture_output=True, text=True, timeout=60, check=True)
+    events = [json.loads(line[6:]) for line in result.stdout.splitlines() if line.startswith("data: ")]
+    assert result.stdout.startswith("event: status\n")
+    assert events[-1]["status"] == "finished"
+    steps = [e["progress"]["step"] for e in events if e["status"] == "started"]
+    assert steps == sorted(steps) and len(set(steps)) >= 3  # it streamed the steps as they happened
+
+
+def post_async(server, **params) -> str:
+    response = requests.post(server.url + "/generate", files={"image": ("i.png", image_bytes(), "image/png")},
+                             data=params, headers={"Prefer": "respond-async"}, timeout=30)
+    assert response.status_code == 202
+    return response.json()["task_id"]

@@ -1,0 +1,126 @@
+"""Helpers the benchmarks share: timing, PSNR, decoding, and markdown tables."""
+
+from __future__ import annotations
+
+import io
+import statistics
+import struct
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def median_seconds(run: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def psnr(decoded: np.ndarray, source: np.ndarray) -> float:
+    error = np.mean((decoded.astype(np.float64) - source.astype(np.float64)) ** 2)
+    return float("inf") if error == 0 else 10 * np.log10(255.0**2 / error)
+
+
+def decode(data: bytes, fmt: str) -> np.ndarray:
+    """Frames of an encoded video: PyAV for mp4/webm, Pillow for gif/webp (PyAV cannot read animated WebP)."""
+    if fmt in ("mp4", "webm"):
+        import av
+
+        with av.open(io.BytesIO(data)) as container:
+            return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        frames = []
+        for index in range(image.n_frames):
+            image.seek(index)
+            frames.append(np.asarray(image.convert("RGB")))
+        return np.stack(frames)
+
+
+def moov_before_mdat(data: bytes) -> bool:
+    offset, boxes = 0, []
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        boxes.append(kind)
+        if size < 8:
+            break
+        offset += size
+    return b"moov" in boxes and b"mdat" in boxes and boxes.index(b"moov") < boxes.index(b"mdat")
+
+
+def table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Service:
+    """The service as `make run` starts it (gunicorn, gunicorn.conf.py) on a free loopback port."""
+
+    def __init__(self, folder: Path, env: dict[str, str]):
+        import os
+        import subprocess
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.output = folder / "videos"
+        self.log_path = folder / "gunicorn.log"
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"], cwd=ROOT,
+            env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
+                 **env}, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if requests.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("the service did not start:\n" + self.log_path.read_text())
+
+    def worker_pid(self) -> int:
+        import re
+
+        return int(re.search(r"Booting worker with pid: (\d+)", self.log_path.read_text()).group(1))
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(60)
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
+
+
+def tiny_model(folder: Path) -> Path:
+    from pipeline import save_tiny_pipeline
+
+    path = folder / "tiny-svd"
+    save_tiny_pipeline(path)
+    return path

@@ -1,0 +1,45 @@
+"""`make bench`: run every benchmark here on this machine and rewrite BENCHMARKS.md with the results."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffusers", "encoding.py", []),
+              ("Load", "load.py", []), ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")])]
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    memory = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
+                  if line.startswith("MemTotal")) / 2**20
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    return (f"{os.cpu_count()} x {cpu}, {memory:.0f} GiB RAM, GPU: {gpu}; {platform.system()} {platform.release()}, "
+            f"Python {platform.python_version()}, torch {torch.__version__}")
+
+
+def main() -> None:
+    sections = [f"# Benchmarks\n\nWritten by `make bench` (`python bench/run.py`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
+                f"Machine: {machine()}.\n\nShared, noisy machines: every goal is a ratio of two things measured side "
+                "by side in the same run, with medians over repeated runs.\n"]
+    for title, script, extra in BENCHMARKS:
+        command = ["python", f"bench/{script}", *extra]
+        started = time.monotonic()
+        result = subprocess.run([sys.executable, str(HERE / script), *extra], capture_output=True, text=True,
+                                check=False)
+        output = result.stdout.strip() if result.returncode == 0 else f"Failed:\n\n```\n{result.stderr[-3000:]}\n```"
+        sections.append(f"## {title}\n\nCommand: `{' '.join(command)}` ({time.monotonic() - started:.0f} s)\n\n{output}\n")
+        print(f"{title}: done", file=sys.stderr)
+    (HERE.parent / "BENCHMARKS.md").write_text("\n".join(sections))
+
+
+if __name__ == "__main__":
+    main()
