@@ -112,6 +112,8 @@ class EmbeddedBackend:
             with self._cond:
                 self._reserved -= 1
         with self._cond:
+            task.created_at = time.time()  # arrival is joining the line: timestamps follow the line's order
+            self.store.save(task)
             self._queue.append(task.task_id)
             self._active[task.task_id] = task
             accepted = copy.deepcopy(task)  # as accepted: the runner may start it the moment the lock is free

@@ -233,27 +233,34 @@ class WorkerProcess:
         self.log.close()
 
 
+def start_worker_processes(folder: Path, model_dir: Path, redis_url: str, count: int = 1,
+                           **env: str) -> list[WorkerProcess]:
+    """`count` workers on `redis_url`, returned once each one's heartbeat says it is ready."""
+    import redis as redis_client
+
+    base = {"REDIS_URL": redis_url, "SVD_MODEL": str(model_dir), "WORKER_TTL": "3", **env}
+    new = [WorkerProcess(folder, base, f"worker-{time.monotonic_ns()}-{i}") for i in range(count)]
+    connection = redis_client.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        beats = [connection.get(f"vd:worker:{w.name}") for w in new]
+        if all(b and b"\"ready\"" in b for b in beats):
+            return new
+        for worker in new:
+            assert worker.process.poll() is None, worker.logs()
+        time.sleep(0.1)
+    raise AssertionError("workers did not become ready:\n" + "\n".join(w.logs() for w in new))
+
+
 @pytest.fixture
 def start_workers(tmp_path, tiny_model_dir, redis_server):
-    """start_workers(n, **env) -> n worker processes, once /health (on `client`) counts them ready."""
+    """start_workers(n, **env) -> n fresh worker processes on this test's own Redis."""
     workers = []
 
     def start(count: int = 1, **env: str) -> list[WorkerProcess]:
-        base = {"REDIS_URL": redis_server.url, "SVD_MODEL": str(tiny_model_dir), "WORKER_TTL": "3", **env}
-        new = [WorkerProcess(tmp_path, base, f"worker{len(workers) + i}") for i in range(count)]
+        new = start_worker_processes(tmp_path, tiny_model_dir, redis_server.url, count, **env)
         workers.extend(new)
-        import redis as redis_client
-
-        connection = redis_client.Redis.from_url(redis_server.url)
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            beats = [connection.get(f"vd:worker:{w.name}") for w in new]
-            if all(b and b"\"ready\"" in b for b in beats):
-                return new
-            for worker in new:
-                assert worker.process.poll() is None, worker.logs()
-            time.sleep(0.1)
-        raise AssertionError("workers did not become ready:\n" + "\n".join(w.logs() for w in new))
+        return new
 
     yield start
     for worker in workers:

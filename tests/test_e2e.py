@@ -177,3 +177,20 @@ def post_async(server, **params) -> str:
                              data=params, headers={"Prefer": "respond-async"}, timeout=30)
     assert response.status_code == 202
     return response.json()["task_id"]
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(gunicorn_server):
+    with socket.create_connection(("127.0.0.1", gunicorn_server.port), timeout=10) as sock:
+        sock.sendall(b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                     b"Content-Length: 524288000\r\n\r\n--b\r\n")  # says 500 MB, sends a few bytes
+        started = time.monotonic()
+        answer = b""
+        while b"payload_too_large" not in answer and time.monotonic() - started < 10:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+        answer = answer.decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 413")
+    assert time.monotonic() - started < 5
+    assert '"payload_too_large"' in answer

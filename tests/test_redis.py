@@ -11,40 +11,73 @@ import time
 import pytest
 import requests
 
-from conftest import ROOT, SMALL, decode_video, image_bytes, settings_for, upload
+from conftest import ROOT, SMALL, RedisServer, decode_video, image_bytes, settings_for, start_worker_processes, upload
 from server import create_app
 from test_async import LONG, ended, poll, running, submit
 
 pytestmark = pytest.mark.slow
 
 
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_model_dir):
+    """One Redis and one worker for the flow tests (a worker takes seconds to start: torch, the model)."""
+    folder = tmp_path_factory.mktemp("redis-shared")
+    server = RedisServer(folder)
+    server.start()
+    (worker,) = start_worker_processes(folder, tiny_model_dir, server.url)
+    yield server, worker
+    worker.stop()
+    server.stop()
+
+
+def make_api(tmp_path, url: str, **env):
+    app = create_app(settings_for(tmp_path, REDIS_URL=url, WORKER_TTL="3", **env))
+    return app, app.test_client()
+
+
 @pytest.fixture
-def api(tmp_path, redis_server):
-    """The API in Redis mode (it loads no model)."""
-    app = create_app(settings_for(tmp_path, REDIS_URL=redis_server.url, WORKER_TTL="3"))
-    yield app.test_client()
+def api(tmp_path, shared):
+    """The API in Redis mode (it loads no model), on the shared Redis and its worker."""
+    app, client = make_api(tmp_path, shared[0].url)
+    yield client
     app.extensions["video_diffusion"].backend.stop()
 
 
-def test_the_api_process_imports_no_torch(redis_server):
+@pytest.fixture
+def lonely_api(tmp_path, shared):
+    """The API on a Redis database no worker listens to."""
+    app, client = make_api(tmp_path, shared[0].url.rsplit("/", 1)[0] + "/5")
+    yield client
+    app.extensions["video_diffusion"].backend.stop()
+
+
+@pytest.fixture
+def own_api(tmp_path, redis_server):
+    """The API on this test's own Redis, for tests that kill workers or Redis."""
+    app, client = make_api(tmp_path, redis_server.url)
+    yield client
+    app.extensions["video_diffusion"].backend.stop()
+
+
+def test_the_api_process_imports_no_torch(shared):
     code = ("import sys; from config import load_settings; from server import create_app; "
-            f"app = create_app(load_settings({{'REDIS_URL': '{redis_server.url}'}}, dotenv_path=None)); "
+            f"app = create_app(load_settings({{'REDIS_URL': '{shared[0].url}'}}, dotenv_path=None)); "
             "print(app.test_client().get('/health').json['mode'], 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["redis", "False"]
 
 
-def test_health_needs_a_ready_worker(api, start_workers):
-    before = api.get("/health")
-    assert before.status_code == 503 and before.json["status"] == "no_workers" and before.json["redis"] == "ok"
-    start_workers(1)
-    after = api.get("/health")
-    assert after.status_code == 200 and after.json["workers"] == 1
-    assert "random weights" in after.json["model"]
+def test_health_needs_a_ready_worker(api, lonely_api):
+    alone = lonely_api.get("/health")
+    assert alone.status_code == 503 and alone.json["status"] == "no_workers" and alone.json["redis"] == "ok"
+    served = api.get("/health")
+    assert served.status_code == 200 and served.json["workers"] == 1
+    assert "random weights" in served.json["model"] and served.json["noise"] is True
 
 
-def test_async_flow_through_a_worker(api, start_workers):
-    (worker,) = start_workers(1)
+def test_async_flow_through_a_worker(api, shared):
+    worker = shared[1]
+    completed_before = _completed(worker)
     response = submit(api, **dict(SMALL, num_inference_steps=12, seed=5))
     assert response.status_code == 202
     task_id = response.json["task_id"]
@@ -61,25 +94,28 @@ def test_async_flow_through_a_worker(api, start_workers):
     api_metrics = api.get("/metrics").get_data(as_text=True)
     assert "video_diffusion_workers_live 1.0" in api_metrics and "video_diffusion_queue_depth 0.0" in api_metrics
     assert 'video_diffusion_tasks_created_total{mode="async"} 1.0' in api_metrics
+    assert _completed(worker) == completed_before + 1
     worker_metrics = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
-    assert "video_diffusion_tasks_completed_total 1.0" in worker_metrics
-    assert "video_diffusion_generation_seconds_count 1.0" in worker_metrics
     assert "video_diffusion_model_ready 1.0" in worker_metrics
+    assert "video_diffusion_generation_seconds_count" in worker_metrics
 
 
-def test_sync_call_waits_for_the_worker_and_returns_the_video(api, start_workers):
-    refused = api.post("/generate", data=upload(image_bytes(), **SMALL))
+def _completed(worker) -> float:
+    text = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+    return float(next(line.split()[1] for line in text.splitlines()
+                      if line.startswith("video_diffusion_tasks_completed_total ")))
+
+
+def test_sync_call_waits_for_the_worker_and_returns_the_video(api, lonely_api):
+    refused = lonely_api.post("/generate", data=upload(image_bytes(), **SMALL))
     assert refused.status_code == 503 and refused.json["error"]["code"] == "model_not_ready"
-    start_workers(1)
     response = api.post("/generate", data=upload(image_bytes(), format="webm", **SMALL))
     assert response.status_code == 200 and response.headers["Content-Type"] == "video/webm"
     assert decode_video(response.data, "webm")[0].shape == (14, 64, 64, 3)
 
 
-def test_cancel_queued_and_running_and_expiry(tmp_path, redis_server, start_workers):
-    app = create_app(settings_for(tmp_path, REDIS_URL=redis_server.url, RESULT_TTL="2"))
-    client = app.test_client()
-    start_workers(1)
+def test_cancel_queued_and_running_and_expiry(tmp_path, shared):
+    app, client = make_api(tmp_path, shared[0].url, RESULT_TTL="2")
     first = submit(client, **LONG).json["task_id"]
     poll(client, first, running)
     second = submit(client, **SMALL).json["task_id"]
@@ -95,9 +131,11 @@ def test_cancel_queued_and_running_and_expiry(tmp_path, redis_server, start_work
     time.sleep(2.2)
     assert client.get(f"/results/{done}").status_code == 410
     assert client.get(f"/results/{'0' * 32}").status_code == 404
+    app.extensions["video_diffusion"].backend.stop()
 
 
-def test_a_killed_worker_fails_its_task_and_the_others_carry_on(api, start_workers):
+def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(own_api, start_workers):
+    api = own_api
     workers = start_workers(2)
     task_id = submit(api, **LONG).json["task_id"]
     poll(api, task_id, running)
@@ -107,8 +145,17 @@ def test_a_killed_worker_fails_its_task_and_the_others_carry_on(api, start_worke
     final = poll(api, task_id, ended, timeout=15)
     assert final["status"] == "failed" and final["error"]["code"] == "abandoned"
     assert time.monotonic() - killed_at < 3 + 2  # WORKER_TTL=3 plus a poll
-    after = submit(api, prefer="wait", **SMALL)
-    assert after.status_code == 200
+
+    # The other worker carries on; SIGTERM while it runs a job lets that job finish, then it exits.
+    (survivor,) = [w for w in workers if w is not victim]
+    task_id = submit(api, **dict(SMALL, num_inference_steps=40)).json["task_id"]
+    poll(api, task_id, running)
+    assert _worker_of(api, task_id) == survivor.name
+    survivor.process.send_signal(signal.SIGTERM)
+    final = poll(api, task_id, ended, timeout=60)
+    assert final["status"] == "finished", final
+    assert survivor.process.wait(30) == 0
+    assert api.get(f"/results/{task_id}").status_code == 200
 
 
 def _worker_of(client, task_id) -> str:
@@ -116,18 +163,8 @@ def _worker_of(client, task_id) -> str:
     return backend.load(task_id).worker
 
 
-def test_sigterm_lets_the_running_job_finish(api, start_workers):
-    (worker,) = start_workers(1)
-    task_id = submit(api, **dict(SMALL, num_inference_steps=40)).json["task_id"]
-    poll(api, task_id, running)
-    worker.process.send_signal(signal.SIGTERM)
-    final = poll(api, task_id, ended, timeout=60)
-    assert final["status"] == "finished", final
-    assert worker.process.wait(30) == 0
-    assert api.get(f"/results/{task_id}").status_code == 200
-
-
-def test_redis_down_answers_503_fast_and_everything_recovers(api, redis_server, start_workers):
+def test_redis_down_answers_503_fast_and_everything_recovers(own_api, redis_server, start_workers):
+    api = own_api
     start_workers(1)
     assert api.get("/health").status_code == 200
     redis_server.stop()
