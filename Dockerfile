@@ -9,7 +9,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models \
-    VIDEO_OUTPUT_PATH=/data/videos
+    VIDEO_OUTPUT_PATH=/data/videos \
+    MALLOC_ARENA_MAX=2
 
 # Distribution packages are not pinned: the CUDA base image already fixes the release they come from.
 # hadolint ignore=DL3008

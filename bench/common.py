@@ -86,7 +86,8 @@ class Service:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"], cwd=ROOT,
             env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
-                 **env}, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
+                 "MALLOC_ARENA_MAX": "2", **env},  # as `make run` and the image set it
+            stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
         import requests

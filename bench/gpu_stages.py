@@ -119,7 +119,7 @@ def main() -> None:
             for name, env, extra in configurations(args.smoke)]
     header = ["configuration", "image encoding", "denoising", "VAE decoding", "video encoding", "total",
               "peak GPU memory", "share: image / denoise / decode / encode"]
-    what = "64x64, 14 frames, 2 steps" if args.smoke else "the model's defaults (svd-xt: 1024x576, 25 frames, 25 steps)"
+    what = "64x64, 14 frames, 2 steps" if args.smoke else "the model's own defaults (svd-xt: 1024x576, 25 frames, 25 steps)"
     print(f"Model `{args.model}`, {what}; median of {args.repeats} after a warm-up.\n\n{table(header, rows)}\n\n{ANCHORS}")
 
 

@@ -101,7 +101,7 @@ class Gunicorn:
         self.output = tmp_path / "videos"
         self.log = open(tmp_path / "gunicorn.log", "wb")
         full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
-                    **env}
+                    "MALLOC_ARENA_MAX": "2", **env}
         self.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"],
                                         cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
