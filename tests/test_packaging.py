@@ -72,3 +72,10 @@ def test_compose_runs_api_worker_and_redis_by_default():
     assert "deploy" not in compose["api"] and compose["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert compose["worker"]["command"] == ["python", "worker.py"]
     assert "8000:5013" in compose["api"]["ports"] and "5013:5013" in compose["api"]["ports"]
+
+
+def test_the_seed_readmes_requirements_path_installs_the_same_pins():
+    result = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-deps", "--quiet",
+                             "-r", "app/requirements.txt"], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert (ROOT / "app" / "requirements.txt").read_text().strip().endswith("-r ../requirements.txt")

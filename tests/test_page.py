@@ -87,6 +87,12 @@ def test_generate_watch_progress_play_and_download(page, picture):
     OUTPUT.mkdir(exist_ok=True)
     page.screenshot(path=str(OUTPUT / "page-finished.png"), full_page=True)
 
+    page.reload()  # recent tasks live in this browser's local storage and reopen with a click
+    expect(page.locator("#recent li")).to_contain_text("seed 99")
+    page.click("#recent li button")
+    expect(page.locator("#result-media video")).to_be_visible()
+    expect(page.locator("#result-info")).to_contain_text("Seed 99")
+
 
 def test_an_out_of_range_value_shows_the_apis_message_by_its_field(page, picture):
     page.set_input_files("#image", str(picture))
