@@ -209,7 +209,7 @@ class EmbeddedBackend:
             state = {"queue_depth": len(self._queue), "tasks_running": int(self._running is not None),
                      "model_ready": int(self.model_state == "ready")}
         if self.generator is not None:
-            state.update({f"gpu_memory_{k}_bytes": v for k, v in self.generator.memory_stats().items()})
+            state.update(self.generator.memory_stats())
         return state
 
     def health(self) -> dict:
@@ -217,8 +217,7 @@ class EmbeddedBackend:
             info = {"status": {"ready": "ok"}.get(self.model_state, self.model_state),
                     "waiting": len(self._queue), "running": int(self._running is not None)}
             if self.generator is not None:
-                info.update(model=self.generator.model.label, noise=self.generator.model.noise,
-                            device=self.generator.device, dtype=self.generator.dtype)
+                info.update(self.generator.describe())
             if self.model_error:
                 info["error"] = self.model_error
             return info
@@ -246,7 +245,7 @@ class EmbeddedBackend:
     def _execute(self, task: Task) -> None:
         progress = progress_recorder(task, self.settings.job_timeout, self._save,
                                      lambda: task.task_id in self._cancel_requested)
-        status, error = execute(self.generator, task, self.store.load_image(task.task_id),
+        status, error = execute(self.generator, task, lambda: self.store.load_image(task.task_id),
                                 self.store.result_path(task), progress)
         with self._cond:
             self._end(task, status, error)

@@ -160,14 +160,19 @@ class VideoGenerator:
                     torch.cuda.empty_cache()
         return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
 
+    def describe(self) -> dict[str, Any]:
+        """What /health and a worker's heartbeat say about the loaded model."""
+        return {"model": self.model.label, "noise": self.model.noise, "device": self.device, "dtype": self.dtype}
+
     def memory_stats(self) -> dict[str, int]:
-        """CUDA memory allocated, reserved and peak, in bytes (empty off CUDA)."""
+        """CUDA memory allocated, reserved and peak, in bytes, named as their gauges (empty off CUDA)."""
         import torch
 
         if self.device != "cuda":
             return {}
-        return {"allocated": torch.cuda.memory_allocated(), "reserved": torch.cuda.memory_reserved(),
-                "peak": torch.cuda.max_memory_allocated()}
+        return {"gpu_memory_allocated_bytes": torch.cuda.memory_allocated(),
+                "gpu_memory_reserved_bytes": torch.cuda.memory_reserved(),
+                "gpu_memory_peak_bytes": torch.cuda.max_memory_allocated()}
 
 
 def _pick_device(requested: str) -> str:

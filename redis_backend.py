@@ -231,14 +231,13 @@ class WorkerRuntime:
     def metrics_state(self) -> dict:
         state = {"tasks_running": int(self.current is not None), "model_ready": int(self.state == "ready")}
         if self.generator is not None:
-            state.update({f"gpu_memory_{k}_bytes": v for k, v in self.generator.memory_stats().items()})
+            state.update(self.generator.memory_stats())
         return state
 
     def beat(self) -> None:
         info = {"name": self.name, "state": self.state, "task": self.current, "error": self.error}
         if self.generator is not None:
-            info.update(model=self.generator.model.label, noise=self.generator.model.noise,
-                        device=self.generator.device, dtype=self.generator.dtype)
+            info.update(self.generator.describe())
         self.backend.redis.set(_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
 
     def start_heartbeat(self) -> None:
@@ -277,12 +276,14 @@ class WorkerRuntime:
         self.current = task_id
         self.beat()
         try:
-            image = Image.open(io.BytesIO(backend.redis.get(_key("input", task_id)))).convert("RGB")
+            def load_image() -> Image.Image:
+                return Image.open(io.BytesIO(backend.redis.get(_key("input", task_id)))).convert("RGB")
+
             progress = progress_recorder(task, self.settings.job_timeout, backend.save,
                                          lambda: bool(backend.redis.exists(_key("cancel", task_id))))
             with tempfile.TemporaryDirectory(prefix="vd-") as folder:
                 out = Path(folder) / "video"
-                status, error = execute(self.generator, task, image, out, progress)
+                status, error = execute(self.generator, task, load_image, out, progress)
                 if status is TaskStatus.FINISHED:
                     backend.redis.set(_key("result", task_id), out.read_bytes(), ex=self.settings.result_ttl)
             backend.end(task, status, error)

@@ -165,11 +165,11 @@ def run_task(generator, task: Task, image: Image.Image, out_path: Path,
                    "filename": f"{task.task_id}.{fmt.extension}", "frames": len(frames)}
 
 
-def execute(generator, task: Task, image: Image.Image, out_path: Path,
+def execute(generator, task: Task, load_image: Callable[[], Image.Image], out_path: Path,
             progress: Callable[[str, int, int], None]) -> tuple[TaskStatus, dict[str, str] | None]:
-    """Run `task` and say how it ended: failures become a status and a short error, never an exception."""
+    """Run `task` and say how it ended: failures (a lost input included) become a status, never an exception."""
     try:
-        run_task(generator, task, image, out_path, progress)
+        run_task(generator, task, load_image(), out_path, progress)
     except TaskCanceled:
         return TaskStatus.CANCELED, CANCELED
     except ServiceError as exc:

@@ -169,3 +169,15 @@ def test_a_failed_task_says_why_in_status_and_results(make_app, generator):
     assert final["status"] == "failed" and final["error"]["code"] == "out_of_memory"
     response = client.get(f"/results/{task_id}")
     assert response.status_code == 409 and response.json["error"]["code"] == "out_of_memory"
+
+
+def test_a_task_whose_input_is_lost_fails_and_the_runner_carries_on(client, tmp_path):
+    holder = submit(client, **LONG).json["task_id"]
+    poll(client, holder, running)
+    lost = submit(client, **SMALL).json["task_id"]
+    (tmp_path / "videos" / lost / "input.png").unlink()
+    after = submit(client, **SMALL).json["task_id"]
+    client.delete(f"/tasks/{holder}")
+    final = poll(client, lost, ended)
+    assert final["status"] == "failed" and final["error"]["code"] == "generation_failed"
+    assert poll(client, after, ended)["status"] == "finished"
