@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
@@ -97,111 +97,80 @@ def _bool(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Variable:
+    """One setting: its name (and the module-level default of that name above), parser and help."""
+
     name: str
     parse: Callable[[str], Any]
-    default: Any
     help: str
+
+    @property
+    def default(self) -> Any:
+        return globals()[self.name]
 
 
 VARIABLES = (
-    Variable("SVD_MODEL", _optional_text, SVD_MODEL,
+    Variable("SVD_MODEL", _optional_text,
              "`svd`, `svd-xt`, `svd-xt-1-1`, any Hugging Face repo id, a local diffusers folder, or `tiny` "
              "(random weights, output is noise). Unset: `svd-xt` when a GPU is found, else `tiny`."),
-    Variable("SVD_DEVICE", _choice("auto", "cuda", "mps", "cpu"), SVD_DEVICE,
+    Variable("SVD_DEVICE", _choice("auto", "cuda", "mps", "cpu"),
              "`auto` picks cuda, then mps, then cpu."),
-    Variable("SVD_DTYPE", _choice("auto", "float16", "bfloat16", "float32"), SVD_DTYPE,
+    Variable("SVD_DTYPE", _choice("auto", "float16", "bfloat16", "float32"),
              "`auto`: float16 (fp16 weights) on cuda, float32 elsewhere."),
-    Variable("SVD_OFFLOAD", _choice("none", "model", "sequential"), SVD_OFFLOAD,
+    Variable("SVD_OFFLOAD", _choice("none", "model", "sequential"),
              "CPU offload for small cards (cuda only): `model` moves whole models, `sequential` layers."),
-    Variable("SVD_FORWARD_CHUNKING", _bool, SVD_FORWARD_CHUNKING,
+    Variable("SVD_FORWARD_CHUNKING", _bool,
              "Chunk the UNet's feed-forward layers: less memory, a little slower."),
-    Variable("SVD_COMPILE", _bool, SVD_COMPILE, "torch.compile the UNet: faster steps after a slow first call."),
-    Variable("CUDA_VISIBLE_DEVICES", _optional_text, CUDA_VISIBLE_DEVICES,
+    Variable("SVD_COMPILE", _bool, "torch.compile the UNet: faster steps after a slow first call."),
+    Variable("CUDA_VISIBLE_DEVICES", _optional_text,
              "Which GPU(s) the process sees (read by CUDA; set it before the model loads)."),
-    Variable("VIDEO_WIDTH", _int(64, 2048, optional=True), VIDEO_WIDTH,
+    Variable("VIDEO_WIDTH", _int(64, 2048, optional=True),
              "Default `width` (the model's own when unset: 1024, tiny 256)."),
-    Variable("VIDEO_HEIGHT", _int(64, 2048, optional=True), VIDEO_HEIGHT,
+    Variable("VIDEO_HEIGHT", _int(64, 2048, optional=True),
              "Default `height` (the model's own when unset: 576, tiny 144)."),
-    Variable("VIDEO_FRAMES", _int(14, 30, optional=True), VIDEO_FRAMES,
+    Variable("VIDEO_FRAMES", _int(14, 30, optional=True),
              "Default `num_frames` (the model's own when unset: svd 14, svd-xt 25, tiny 14)."),
-    Variable("VIDEO_OUTPUT_PATH", _text, VIDEO_OUTPUT_PATH,
+    Variable("VIDEO_OUTPUT_PATH", _text,
              "Where task records, inputs and videos are written (`/data/videos` in the image)."),
-    Variable("RESULT_TTL", _int(1), RESULT_TTL, "Seconds a finished video stays downloadable."),
-    Variable("HOST", _text, HOST, "Address `make run` binds."),
-    Variable("PORT", _int(1, 65535), PORT, "Port `make run` binds."),
-    Variable("MAX_UPLOAD_MB", _int(1, 1024), MAX_UPLOAD_MB, "Largest request body, in MiB (413 beyond)."),
-    Variable("MAX_IMAGE_PIXELS", _int(4096), MAX_IMAGE_PIXELS,
+    Variable("RESULT_TTL", _int(1), "Seconds a finished video stays downloadable."),
+    Variable("HOST", _text, "Address `make run` binds."),
+    Variable("PORT", _int(1, 65535), "Port `make run` binds."),
+    Variable("MAX_UPLOAD_MB", _int(1, 1024), "Largest request body, in MiB (413 beyond)."),
+    Variable("MAX_IMAGE_PIXELS", _int(4096),
              "Largest input image, width x height (413 beyond); also Pillow's decompression-bomb limit."),
-    Variable("MAX_QUEUE", _int(0, 100000), MAX_QUEUE,
+    Variable("MAX_QUEUE", _int(1, 100000),
              "Requests that may wait behind the running one; more get 503 at once."),
-    Variable("MAX_DIMENSION", _int(64, 2048), MAX_DIMENSION,
+    Variable("MAX_DIMENSION", _int(64, 2048),
              "Largest `width`/`height` (and `sizing=source` side) accepted: a cap for small cards."),
-    Variable("MAX_STEPS", _int(1, 100), MAX_STEPS, "Largest `num_inference_steps` accepted."),
-    Variable("GENERATE_MODE", _choice("sync", "async"), GENERATE_MODE,
+    Variable("MAX_STEPS", _int(1, 100), "Largest `num_inference_steps` accepted."),
+    Variable("GENERATE_MODE", _choice("sync", "async"),
              "What `POST /generate` does without a `Prefer` header."),
-    Variable("JOB_TIMEOUT", _int(1), JOB_TIMEOUT,
+    Variable("JOB_TIMEOUT", _int(1),
              "Seconds one generation may run; it then stops at its next step and fails with `timeout`."),
-    Variable("QUEUE_TIMEOUT", _int(1), QUEUE_TIMEOUT,
+    Variable("QUEUE_TIMEOUT", _int(1),
              "Seconds a task may wait in line; after that it fails with `expired` and never runs."),
-    Variable("SYNC_TIMEOUT", _int(1), SYNC_TIMEOUT,
+    Variable("SYNC_TIMEOUT", _int(1),
              "Seconds a synchronous request waits; then 504 with the task id, and the task goes on."),
-    Variable("REDIS_URL", _optional_text, REDIS_URL, "Redis for scale-out, e.g. `redis://redis:6379/0`."),
-    Variable("REDIS_HOST", _optional_text, REDIS_HOST, "Redis host (seed form; `REDIS_URL` wins)."),
-    Variable("REDIS_PORT", _int(1, 65535), REDIS_PORT, "Redis port, with `REDIS_HOST`."),
-    Variable("WORKER_TTL", _int(3, 3600), WORKER_TTL,
+    Variable("REDIS_URL", _optional_text, "Redis for scale-out, e.g. `redis://redis:6379/0`."),
+    Variable("REDIS_HOST", _optional_text, "Redis host (seed form; `REDIS_URL` wins)."),
+    Variable("REDIS_PORT", _int(1, 65535), "Redis port, with `REDIS_HOST`."),
+    Variable("WORKER_TTL", _int(3, 3600),
              "Redis mode: seconds after which a silent worker counts as gone and its task fails `abandoned`."),
-    Variable("WORKER_METRICS_PORT", _int(0, 65535), WORKER_METRICS_PORT,
+    Variable("WORKER_METRICS_PORT", _int(0, 65535),
              "Redis mode: port each worker serves its Prometheus metrics on (0: off)."),
-    Variable("API_KEY", _list, API_KEY,
+    Variable("API_KEY", _list,
              "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
              "`Authorization: Bearer <key>` or `X-API-Key: <key>`."),
-    Variable("METRICS_PUBLIC", _bool, METRICS_PUBLIC, "Serve `/metrics` without the API key."),
-    Variable("CORS_ORIGINS", _list, CORS_ORIGINS,
+    Variable("METRICS_PUBLIC", _bool, "Serve `/metrics` without the API key."),
+    Variable("CORS_ORIGINS", _list,
              "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none."),
-    Variable("TRUSTED_PROXIES", _int(0, 10), TRUSTED_PROXIES,
+    Variable("TRUSTED_PROXIES", _int(0, 10),
              "Reverse proxies in front: trust that many hops of `X-Forwarded-*` (0: ignore them)."),
-    Variable("LOG_LEVEL", _choice("debug", "info", "warning", "error"), LOG_LEVEL, "Log verbosity."),
-    Variable("LOG_FORMAT", _choice("text", "json"), LOG_FORMAT, "`json` for one JSON object per log line."),
+    Variable("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "Log verbosity."),
+    Variable("LOG_FORMAT", _choice("text", "json"), "`json` for one JSON object per log line."),
 )
 
 
-@dataclass(frozen=True)
-class Settings:
-    svd_model: str | None
-    svd_device: str
-    svd_dtype: str
-    svd_offload: str
-    svd_forward_chunking: bool
-    svd_compile: bool
-    cuda_visible_devices: str | None
-    video_width: int | None
-    video_height: int | None
-    video_frames: int | None
-    video_output_path: str
-    result_ttl: int
-    host: str
-    port: int
-    max_upload_mb: int
-    max_image_pixels: int
-    max_queue: int
-    max_dimension: int
-    max_steps: int
-    generate_mode: str
-    job_timeout: int
-    queue_timeout: int
-    sync_timeout: int
-    redis_url: str | None
-    redis_host: str | None
-    redis_port: int
-    worker_ttl: int
-    worker_metrics_port: int
-    api_key: tuple[str, ...] | None = field(repr=False)
-    metrics_public: bool
-    cors_origins: tuple[str, ...] | None
-    trusted_proxies: int
-    log_level: str
-    log_format: str
-
+class _SettingsBase:
     @property
     def redis(self) -> str | None:
         """The Redis URL to use, or None for the embedded single-process mode."""
@@ -212,12 +181,21 @@ class Settings:
         return None
 
 
+# One frozen field per variable, lower-cased (settings.max_queue); API_KEY never shows in a repr.
+Settings = make_dataclass("Settings", [(v.name.lower(), Any, field(repr=v.name != "API_KEY")) for v in VARIABLES],
+                          bases=(_SettingsBase,), frozen=True)
+
+
 def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> Settings:
     """Build Settings from `environ` (default: the process environment) over `.env` over the defaults."""
     source: dict[str, str] = {}
+    from_dotenv: set[str] = set()
     if dotenv_path and os.path.exists(dotenv_path):
         source.update({k: v for k, v in dotenv_values(dotenv_path).items() if v is not None})
-    source.update(os.environ if environ is None else environ)
+        from_dotenv = set(source)
+    environ = os.environ if environ is None else environ
+    from_dotenv -= set(environ)
+    source.update(environ)
     values = {}
     for var in VARIABLES:
         raw = source.get(var.name)
@@ -227,7 +205,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
         try:
             values[var.name.lower()] = var.parse(raw.strip())
         except ValueError as exc:
-            raise ConfigError(f"{var.name}={raw!r}: {exc}") from None
+            where = f" (set in {dotenv_path})" if var.name in from_dotenv else ""
+            raise ConfigError(f"{var.name}={raw!r}: {exc}{where}") from None
     settings = Settings(**values)
     if (settings.video_width is None) != (settings.video_height is None):
         raise ConfigError("VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither")

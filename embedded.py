@@ -1,21 +1,29 @@
-"""The single-process backend: loads the model in the background and runs tasks one at a time, in order."""
+"""The single-process backend: loads the model in the background and runs tasks one at a time, in order.
+
+Tasks live on disk (store.py) and, while queued or running, in memory. Three supervised loops: the model
+loader, the task runner and the janitor (result expiry, record deletion, saves retried after a disk error).
+"""
 
 from __future__ import annotations
 
 import copy
+import heapq
 import logging
 import threading
 import time
 from collections import deque
-from typing import Callable
+from typing import BinaryIO, Callable
 
+from backend import Health, Places, Supervisor, derive_status
 from config import Settings
-from errors import ModelNotReady, QueueFull, ShuttingDown
-from tasks import CANCELED, EXPIRED, SHUTTING_DOWN, Task, TaskStatus, TaskStore, execute, progress_recorder
+from errors import StorageFull
+from store import TaskStore
+from tasks import (ModelState, Task, TaskStatus, admit, execute, failure, progress_recorder, queue_timed_out,
+                   record_expires_at, result_expired, result_expires_at)
 
 log = logging.getLogger(__name__)
 
-INTERRUPTED = {"code": "interrupted", "message": "the service stopped while this task was running; submit it again"}
+RETRY_SAVE_SECONDS = 5.0
 
 
 class EmbeddedBackend:
@@ -26,48 +34,47 @@ class EmbeddedBackend:
         self.store = store
         self._load = load
         self.telemetry = telemetry
+        self.supervisor = Supervisor()
         self._cond = threading.Condition()
         self._queue: deque[str] = deque()
-        self._active: dict[str, Task] = {}  # queued and started tasks, by id
+        # Tasks whose latest state is only in memory: queued, running, or ended with the record not yet on disk.
+        self._live: dict[str, Task] = {}
         self._cancel_requested: set[str] = set()
-        self._reserved = 0  # places taken by submissions still writing to disk
+        self._places = Places(self._cond)  # held by admitted requests still being read and decoded
         self._running: Task | None = None
-        self._stopping = False
         self._draining = False
+        self._expiries: list[tuple[float, str, str]] = []  # heap of (when, "result" | "record", task id)
         self.generator = None
-        self.model_state = "loading"  # loading, ready, failed
-        self.model_error: str | None = None
-        self._threads: list[threading.Thread] = []
+        self.model_state = ModelState.LOADING
+        self.model_error: str | None = None  # curated: safe to show to clients
 
     def start(self) -> None:
+        self.store.lock()
         self._recover()
-        self._threads = [threading.Thread(target=target, name=name, daemon=True) for target, name in
-                         ((self._load_model, "model-loader"), (self._run, "task-runner"),
-                          (self._sweep, "result-janitor"))]
-        for thread in self._threads:
-            thread.start()
+        self.supervisor.spawn("model", self._load_model, forever=False)
+        self.supervisor.spawn("runner", self._run_loop, on_crash=self._runner_crashed)
+        self.supervisor.spawn("janitor", self._janitor_loop)
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop taking tasks, cancel the running one at its next step and wait for the threads to end."""
+        """Stop taking tasks, cancel the running one at its next step and wait for the loops to end."""
         with self._cond:
-            self._stopping = True
+            self.supervisor.stopping.set()
             if self._running is not None:
                 self._cancel_requested.add(self._running.task_id)
             self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout)
+        self.supervisor.stop(timeout)
+        self.store.unlock()
 
     def drain(self, timeout: float) -> None:
         """Start nothing new; waiting synchronous requests get 503; wait for the running task to end.
 
-        Queued async tasks stay on disk and run after the next start.
+        Queued async tasks stay on disk and run after the next start. A dead runner is not waited for.
         """
         with self._cond:
             self._draining = True
-            for task_id in [t for t in self._queue if self._active[t].mode == "sync"]:
-                self._queue.remove(task_id)
-                self._end(self._active[task_id], TaskStatus.CANCELED, SHUTTING_DOWN)
-            self._cond.wait_for(lambda: self._running is None, timeout)
+            for task_id in [t for t in self._queue if self._live[t].mode == "sync"]:
+                self._end(self._live[task_id], TaskStatus.CANCELED, failure("shutting_down"))
+            self._cond.wait_for(lambda: self._running is None or not self.supervisor.alive("runner"), timeout)
 
     def _recover(self) -> None:
         """After a restart: queued async tasks run again; a task that was running ends `interrupted`.
@@ -75,95 +82,80 @@ class EmbeddedBackend:
         A synchronous task's client is gone with the old process and never learned the id, so its task
         ends `interrupted` too rather than spend the GPU on a video nobody will fetch.
         """
-        for task in self.store.all_tasks():
-            if task.status is TaskStatus.QUEUED and task.mode == "async":
-                self._queue.append(task.task_id)
-                self._active[task.task_id] = task
-            elif not task.status.terminal:
-                task.finish(TaskStatus.FAILED, INTERRUPTED)
-                self.store.save(task)
+        with self._cond:
+            for task in self.store.all_tasks():
+                if task.status is TaskStatus.QUEUED and task.mode == "async":
+                    self._queue.append(task.task_id)
+                    self._live[task.task_id] = task
+                elif not task.status.terminal:
+                    self._live[task.task_id] = task
+                    self._end(task, TaskStatus.FAILED, failure("interrupted"))
+                else:
+                    self._schedule_expiry(task)
         if self._queue:
-            log.info("recovered %d queued task(s) from %s", len(self._queue), self.store.root)
+            log.info("recovered %d queued task(s)", len(self._queue))
 
     def _load_model(self) -> None:
         try:
             generator = self._load(self.settings)
         except Exception as exc:  # noqa: BLE001 - any failure leaves the process up and says why
+            from pipeline import describe_load_failure
+
             log.exception("the model failed to load")
             with self._cond:
-                self.model_state, self.model_error = "failed", f"{type(exc).__name__}: {exc}"
+                self.model_state, self.model_error = ModelState.FAILED, describe_load_failure(exc)
                 self._cond.notify_all()
             return
         with self._cond:
-            self.generator, self.model_state = generator, "ready"
+            self.generator, self.model_state = generator, ModelState.READY
             self._cond.notify_all()
         log.info("model ready: %s on %s (%s)", generator.model.label, generator.device, generator.dtype)
 
     # --- submitting and reading -------------------------------------------------------------------
 
+    def admission(self, mode: str):
+        def check(held: int) -> None:
+            admit(mode, draining=self._draining, model=self.model_state, ready_detail=self.model_error or "",
+                  waiting=len(self._queue) + held, max_queue=self.settings.max_queue)
+
+        return self._places.hold(check)
+
     def submit(self, task: Task, image) -> Task:
-        """Put `task` in line; 503 when the model cannot take it or the line is full."""
-        with self._cond:
-            self._check_accepting(task)
-            self._reserved += 1
+        """Put `task` in line: on disk (input, then record) before it is accepted."""
+        if not self._places.holding():
+            with self.admission(task.mode):
+                return self.submit(task, image)
         try:
-            self.store.create(task, image)
-        finally:
+            self.store.write_input(task, image)
             with self._cond:
-                self._reserved -= 1
-        with self._cond:
-            task.created_at = time.time()  # arrival is joining the line: timestamps follow the line's order
-            self.store.save(task)
-            self._queue.append(task.task_id)
-            self._active[task.task_id] = task
-            accepted = copy.deepcopy(task)  # as accepted: the runner may start it the moment the lock is free
-            self._cond.notify_all()
+                task.created_at = time.time()  # arrival is joining the line: timestamps follow the line's order
+                self.store.save(task)
+                self._queue.append(task.task_id)
+                self._places.release()  # the line counts it now
+                self._live[task.task_id] = task
+                accepted = copy.deepcopy(task)  # as accepted: the runner may start it once the lock is free
+                self._cond.notify_all()
+        except OSError:
+            log.exception("task %s: could not store the upload", task.task_id)
+            self.store.delete(task.task_id)
+            raise StorageFull("the server could not store the upload (disk full?); try again later",
+                              retry_after=60) from None
         self.telemetry.task_created(accepted)
         return accepted
 
-    def _check_accepting(self, task: Task) -> None:
-        if self._draining:
-            raise ShuttingDown("the service is shutting down; try again shortly", retry_after=10)
-        if self.model_state == "failed":
-            raise ModelNotReady(f"the model failed to load: {self.model_error}", retry_after=60)
-        if self.model_state == "loading" and task.mode == "sync":
-            raise ModelNotReady("the model is still loading; try again shortly", retry_after=10)
-        waiting = len(self._queue) + self._reserved
-        if waiting >= self.settings.max_queue:
-            raise QueueFull(f"{waiting} requests are already waiting (MAX_QUEUE={self.settings.max_queue}); "
-                            "try again later", retry_after=30)
-
     def get(self, task_id: str) -> Task | None:
         with self._cond:
-            self._expire_overdue()
-            if task_id in self._active:
-                return copy.deepcopy(self._active[task_id])
-        task = self.store.load(task_id)
-        if task is not None:
-            self._expire_if_due(task)
+            self._fail_timed_out()
+            task = copy.deepcopy(self._live[task_id]) if task_id in self._live else None
+        task = task or self.store.load(task_id)
+        if task is not None and task.status is TaskStatus.FINISHED and not task.expired:
+            if result_expired(task, self.settings.result_ttl):  # due before the janitor's next round
+                self._expire("result", task_id)
+                task.expired = True
         return task
 
-    def result(self, task: Task):
-        """The finished task's video file (None once expired)."""
-        path = self.store.result_path(task)
-        return path if path.exists() else None
-
-    def _expire_if_due(self, task: Task) -> None:
-        if task.status.terminal and not task.expired and time.time() >= task.finished_at + self.settings.result_ttl:
-            self.store.delete_files(task)
-            task.expired = True
-            self.store.save(task)
-
-    def _sweep(self) -> None:
-        """Delete videos older than RESULT_TTL, checking every minute (or sooner for short TTLs)."""
-        interval = min(60.0, self.settings.result_ttl / 2)
-        while True:
-            with self._cond:
-                if self._cond.wait_for(lambda: self._stopping, timeout=interval):
-                    return
-            for task in self.store.all_tasks():
-                if task.task_id not in self._active:
-                    self._expire_if_due(task)
+    def result(self, task: Task) -> BinaryIO | None:
+        return None if task.expired else self.store.open_result(task)
 
     def queue_position(self, task_id: str) -> int | None:
         """1 for the task that runs next, None when it is not waiting."""
@@ -174,93 +166,168 @@ class EmbeddedBackend:
         """The task once it has ended, or as it stands when `timeout` seconds have passed."""
         deadline = time.monotonic() + timeout
         with self._cond:
-            while task_id in self._active:
-                self._expire_overdue()
-                if task_id not in self._active:
-                    break
+            while task_id in self._live and not self._live[task_id].status.terminal:
+                self._fail_timed_out()
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return copy.deepcopy(self._active[task_id])
+                    break
                 self._cond.wait(remaining)
-        return self.store.load(task_id)
+        return self.get(task_id)
 
     def cancel(self, task_id: str) -> Task | None:
         """A queued task ends `canceled` now; a running one at its next denoising step."""
         with self._cond:
-            task = self._active.get(task_id)
-            if task is None:
-                return self.store.load(task_id)
+            task = self._live.get(task_id)
+            if task is None or task.status.terminal:
+                return self.get(task_id)
             if task.status is TaskStatus.QUEUED:
-                self._queue.remove(task_id)
-                self._end(task, TaskStatus.CANCELED, CANCELED)
+                self._end(task, TaskStatus.CANCELED, failure("canceled"))
             else:
                 self._cancel_requested.add(task_id)
             return copy.deepcopy(task)
 
-    def _expire_overdue(self) -> None:
+    def _fail_timed_out(self) -> None:
         """Fail tasks that waited longer than QUEUE_TIMEOUT (the caller holds the lock): they never run."""
-        now = time.time()
-        for task_id in [t for t in self._queue if now - self._active[t].created_at > self.settings.queue_timeout]:
-            self._queue.remove(task_id)
-            self._end(self._active[task_id], TaskStatus.FAILED, EXPIRED)
+        for task_id in [t for t in self._queue if queue_timed_out(self._live[t], self.settings.queue_timeout)]:
+            self._end(self._live[task_id], TaskStatus.FAILED, failure("queue_timeout"))
 
-    def metrics_state(self) -> dict:
+    def metrics(self) -> dict:
         with self._cond:
             state = {"queue_depth": len(self._queue), "tasks_running": int(self._running is not None),
-                     "model_ready": int(self.model_state == "ready")}
+                     "model_ready": int(self.model_state is ModelState.READY)}
         if self.generator is not None:
             state.update(self.generator.memory_stats())
         return state
 
-    def health(self) -> dict:
+    def health(self) -> Health:
+        components = self.supervisor.states()
         with self._cond:
-            info = {"status": {"ready": "ok"}.get(self.model_state, self.model_state),
-                    "waiting": len(self._queue), "running": int(self._running is not None)}
+            status = derive_status(draining=self._draining, model=self.model_state, components=components)
+            details = {"waiting": len(self._queue), "running": int(self._running is not None),
+                       "components": {name: state.value for name, state in components.items()}}
             if self.generator is not None:
-                info.update(self.generator.describe())
+                details.update(self.generator.describe())
             if self.model_error:
-                info["error"] = self.model_error
-            return info
+                details["error"] = {"code": "model_load_failed", "message": self.model_error}
+        return Health(status, details)
 
     # --- running ----------------------------------------------------------------------------------
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._stopping and (self.model_state != "ready" or not self._queue or self._draining):
-                    self._cond.wait(timeout=1.0)  # wakes to expire overdue tasks even when nothing else happens
-                    self._expire_overdue()
-                if self._stopping:
-                    return
-                self._expire_overdue()
-                if not self._queue:
-                    continue
-                task = self._active[self._queue.popleft()]
-                task.start()
-                self._running = task
-                self.store.save(task)
-            self.telemetry.task_started(task)
-            self._execute(task)
+    def _run_loop(self) -> None:
+        while (task := self._next_task()) is not None:
+            self._run_one(task)
 
-    def _execute(self, task: Task) -> None:
-        progress = progress_recorder(task, self.settings.job_timeout, self._save,
-                                     lambda: task.task_id in self._cancel_requested)
-        status, error = execute(self.generator, task, lambda: self.store.load_image(task.task_id),
-                                self.store.result_path(task), progress)
+    def _next_task(self) -> Task | None:
+        """The next task to run, marked running; None when the service stops."""
         with self._cond:
-            self._end(task, status, error)
+            while True:
+                self._fail_timed_out()
+                if self.supervisor.stopping.is_set():
+                    return None
+                if self.model_state is ModelState.READY and self._queue and not self._draining:
+                    task = self._live[self._queue.popleft()]
+                    task.start()
+                    self._running = task
+                    return task
+                self._cond.wait(timeout=1.0)  # wakes to fail overdue tasks even when nothing else happens
 
-    def _save(self, task: Task) -> None:
-        with self._cond:
+    def _run_one(self, task: Task) -> None:
+        """Run one task inside a guard: whatever fails ends this task, never the runner."""
+        try:
             self.store.save(task)
+            self.telemetry.task_started(task)
+            progress = progress_recorder(task, self.settings.job_timeout, self._record_progress,
+                                         lambda: task.task_id in self._cancel_requested)
+            status, error = execute(self.generator, task, lambda: self.store.load_image(task.task_id),
+                                    self.store.result_path(task), progress)
+        except OSError:
+            log.exception("task %s: its record could not be saved", task.task_id)
+            status, error = TaskStatus.FAILED, failure("storage_error")
+        self._end(task, status, error)
+
+    def _record_progress(self, task: Task) -> None:
+        """Progress lives in memory (status reads it there); only state changes go to disk."""
+        with self._cond:
+            self._cond.notify_all()
+
+    def _runner_crashed(self, exc: BaseException) -> None:
+        """The runner loop itself died (not a task): end the task it held so nobody waits for it forever."""
+        with self._cond:
+            task = self._running
+        if task is not None:
+            self._end(task, TaskStatus.FAILED, failure("internal_error"))
 
     def _end(self, task: Task, status: TaskStatus, error: dict | None) -> None:
-        """Record the end of `task` (the caller holds the lock) and wake whoever waits for it."""
-        task.finish(status, error)
-        self.store.save(task)
-        self._active.pop(task.task_id, None)
-        self._cancel_requested.discard(task.task_id)
-        if self._running is task:
-            self._running = None
-        self._cond.notify_all()
+        """Record the end of `task` once, wake whoever waits for it, then write it down."""
+        with self._cond:
+            if task.status.terminal:
+                return
+            task.finish(status, error)
+            if task.task_id in self._queue:
+                self._queue.remove(task.task_id)
+            self._cancel_requested.discard(task.task_id)
+            self._cond.notify_all()
         self.telemetry.task_ended(task)
+        self._save_quietly(task)
+        with self._cond:
+            if self._running is task:  # only now: a drain that waits for the running task waits for its record
+                self._running = None
+                self._cond.notify_all()
+
+    def _save_quietly(self, task: Task) -> bool:
+        """Write `task` down; on a disk error keep it in memory (the janitor retries) rather than fail."""
+        snapshot = copy.deepcopy(task) if not task.status.terminal else task
+        try:
+            if task.status.terminal:
+                self.store.delete_input(task)
+            self.store.save(snapshot)
+        except OSError:
+            log.exception("task %s: could not save its record; keeping it in memory and retrying", task.task_id)
+            return False
+        if task.status.terminal:
+            with self._cond:
+                if self._live.get(task.task_id) is task:
+                    del self._live[task.task_id]
+                self._schedule_expiry(task)
+        return True
+
+    # --- the janitor ------------------------------------------------------------------------------
+
+    def _schedule_expiry(self, task: Task) -> None:
+        ttl = self.settings.result_ttl
+        if task.status is TaskStatus.FINISHED and not task.expired:
+            heapq.heappush(self._expiries, (result_expires_at(task, ttl), "result", task.task_id))
+        if task.finished_at is not None:
+            heapq.heappush(self._expiries, (record_expires_at(task, ttl), "record", task.task_id))
+        self._cond.notify_all()  # the janitor may be asleep until a later expiry
+
+    def _janitor_loop(self) -> None:
+        """Delete videos after RESULT_TTL and records a grace period later; retry saves that failed."""
+        while not self.supervisor.stopping.is_set():
+            with self._cond:
+                next_due = self._expiries[0][0] if self._expiries else time.time() + 60
+                unsaved = [t for t in self._live.values() if t.status.terminal]
+                wait = min(max(0.05, next_due - time.time()), RETRY_SAVE_SECONDS if unsaved else 60.0)
+                self._cond.wait(wait)
+                if self.supervisor.stopping.is_set():
+                    return
+                due = []
+                while self._expiries and self._expiries[0][0] <= time.time():
+                    due.append(heapq.heappop(self._expiries))
+            for task in unsaved:
+                self._save_quietly(task)
+            for _, kind, task_id in due:
+                self._expire(kind, task_id)
+
+    def _expire(self, kind: str, task_id: str) -> None:
+        if kind == "record":
+            self.store.delete(task_id)
+            return
+        task = self.store.load(task_id)
+        if task is not None and not task.expired:
+            self.store.delete_files(task)
+            task.expired = True
+            try:
+                self.store.save(task)
+            except OSError:  # the files are gone either way; the record's deletion comes later
+                log.exception("task %s: could not mark its record expired", task_id)

@@ -98,10 +98,16 @@ class ShuttingDown(ServiceError):
     status, code = 503, "shutting_down"
 
 
-class QueueExpired(ServiceError):
+class QueueTimeout(ServiceError):
     """The task waited longer than QUEUE_TIMEOUT and never ran."""
 
-    status, code = 503, "expired"
+    status, code = 503, "queue_timeout"
+
+
+class Interrupted(ServiceError):
+    """The service stopped while the task ran."""
+
+    status, code = 503, "interrupted"
 
 
 class WorkerLost(ServiceError):
@@ -112,6 +118,12 @@ class WorkerLost(ServiceError):
 
 class QueueFull(ServiceError):
     status, code = 503, "queue_full"
+
+
+class StorageFull(ServiceError):
+    """The task's files could not be written (disk full, folder removed)."""
+
+    status, code = 507, "storage_error"
 
 
 class OutOfMemory(ServiceError):
@@ -138,7 +150,8 @@ class TaskCanceled(ServiceError):
 
 # Failures stored on a task carry only a code and a message; this maps a code back to its error.
 BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ModelNotReady,
-                                     ShuttingDown, InvalidParameter, QueueExpired, WorkerLost)}
+                                     ShuttingDown, InvalidParameter, QueueTimeout, WorkerLost, StorageFull,
+                                     Interrupted)}
 
 
 def from_code(code: str, message: str) -> ServiceError:

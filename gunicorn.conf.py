@@ -2,14 +2,25 @@
 
 One worker process (it holds the one pipeline) with threads for I/O. No preload: the model loads in the
 worker after the fork, since CUDA (and multithreaded torch) do not survive a fork.
+
+What would stop the service at start is checked here, in the master, and said in one line: a bad setting, or
+a data folder another instance owns.
 """
 
 import signal
+import sys
 import threading
 
-from config import load_settings
+from config import ConfigError, load_settings
+from store import FolderInUse, probe_folder
 
-_settings = load_settings()
+try:
+    _settings = load_settings()
+    if not _settings.redis:
+        probe_folder(_settings.video_output_path)  # the worker takes the lock for good; this only asks
+except (ConfigError, FolderInUse) as _exc:
+    print(f"video-diffusion: {_exc}", file=sys.stderr)
+    sys.exit(2)
 
 wsgi_app = "server:create_app()"
 bind = f"{_settings.host}:{_settings.port}"

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
+
+log = logging.getLogger(__name__)
 
 # Recognised by their bytes, never by a file name or a client's Content-Type. Pillow is only ever asked to
 # open the one format the bytes announce, so EPS (Ghostscript), SVG or TIFF never reach a decoder.
@@ -47,12 +50,9 @@ def load_image(data: bytes, max_pixels: int) -> Image.Image:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageTooLarge(f"the image exceeds the limit of {max_pixels} pixels", field="image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImage(f"the {fmt} image could not be decoded ({_reason(exc)})", field="image") from None
+        log.info("an uploaded %s image did not decode: %s", fmt, exc)  # the reason goes to the log, not the client
+        raise InvalidImage(f"the {fmt} image could not be decoded: it is truncated or corrupt", field="image") from None
     return _to_rgb(image)
-
-
-def _reason(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:

@@ -175,6 +175,32 @@ class VideoGenerator:
                 "gpu_memory_peak_bytes": torch.cuda.max_memory_allocated()}
 
 
+class LoadSettingError(RuntimeError):
+    """The settings ask for something this machine cannot do; the message is safe to show to clients."""
+
+
+def describe_load_failure(exc: BaseException) -> str:
+    """What failed and what to do, in one sentence for `/health` and 503s: no paths, hosts or exception text."""
+    import torch
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    text = str(exc)
+    if isinstance(exc, LoadSettingError):
+        return text
+    if isinstance(exc, GatedRepoError):
+        return ("the model is gated on Hugging Face: accept its licence there and set HF_TOKEN, or set SVD_MODEL "
+                "to a local folder")
+    if isinstance(exc, RepositoryNotFoundError) or "neither a valid local path nor a valid repo id" in text:
+        return ("SVD_MODEL names neither a model folder on this machine nor a model repository: use svd, svd-xt, "
+                "svd-xt-1-1, a Hugging Face repo id or a folder saved in diffusers layout")
+    if isinstance(exc, OSError) and any(s in text for s in ("not fully cached", "connect", "offline", "resolve")):
+        return ("the model could not be downloaded: no access to the model hub; check the network, set HF_TOKEN "
+                "for gated models, or set SVD_MODEL to a local folder")
+    if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
+        return "not enough memory to load the model: try SVD_OFFLOAD=model, SVD_DTYPE=float16 or a smaller model"
+    return "the model could not be loaded; the server log has the details"
+
+
 def _pick_device(requested: str) -> str:
     import torch
 
@@ -182,7 +208,7 @@ def _pick_device(requested: str) -> str:
     if requested == "auto":
         return next(name for name, ok in available.items() if ok)
     if not available[requested]:
-        raise RuntimeError(f"SVD_DEVICE={requested}, but no {requested} device is available")
+        raise LoadSettingError(f"SVD_DEVICE={requested}, but no {requested} device is available")
     return requested
 
 
@@ -210,7 +236,7 @@ def load_generator(settings: Settings) -> VideoGenerator:
     pipe.set_progress_bar_config(disable=True)
     if settings.svd_offload != "none":
         if device != "cuda":
-            raise RuntimeError(f"SVD_OFFLOAD={settings.svd_offload} needs a CUDA device; this one is {device}")
+            raise LoadSettingError(f"SVD_OFFLOAD={settings.svd_offload} needs a CUDA device; this one is {device}")
         if settings.svd_offload == "model":
             pipe.enable_model_cpu_offload()
         else:

@@ -7,8 +7,13 @@ each with its TTL. Keys:
     vd:input:<id>    the normalised input image (PNG) until the task ends
     vd:result:<id>   the video, for RESULT_TTL
     vd:cancel:<id>   set by DELETE /tasks/<id>; the worker stops at its next step
-    vd:worker:<name> a live worker's heartbeat (JSON), expiring after WORKER_TTL
+    vd:worker:<name> a live worker's heartbeat (JSON, with the task it runs), expiring after WORKER_TTL
+    vd:queued        ids of queued tasks, checked against RQ's queue so none stays queued once its job is gone
     vd:started       ids of running tasks, checked against the heartbeats to fail abandoned ones
+
+Every change of a task's status is one compare-and-set (a Lua script): it applies only if the record is in a
+status the lifecycle allows it to leave (and, for a worker, still its own), with its side effects (the sets,
+the input, the video) in the same step. So a failed task can never become finished, last write never wins.
 """
 
 from __future__ import annotations
@@ -18,11 +23,13 @@ import io
 import json
 import logging
 import os
+import secrets
 import socket
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import BinaryIO
 
 import redis
 from PIL import Image
@@ -30,17 +37,63 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 from rq import Queue
 
+from backend import Health, Places, Supervisor, derive_status
 from config import Settings
-from errors import BackendUnavailable, ModelNotReady, QueueFull
-from tasks import CANCELED, EXPIRED, Task, TaskStatus, execute, progress_recorder
+from errors import BackendUnavailable, ServiceError
+from tasks import (TOMBSTONE_SECONDS, CorruptRecord, ModelState, Task, TaskStatus, admit, execute, failure, progress_recorder,
+                   queue_timed_out, result_expired, sources)
 
 log = logging.getLogger(__name__)
 
 QUEUE_NAME = "video-diffusion"
-TOMBSTONE_SECONDS = 7 * 86400
-ABANDONED = {"code": "abandoned",
-             "message": "the worker running this task stopped (killed or lost); submit it again"}
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# A queued task is checked against RQ's lists only once it is this old: submission writes both in one
+# transaction, so this only guards against clock skew between machines.
+LOST_JOB_GRACE = 10.0
+
+# KEYS: task, started set, queued set, input, result.
+# ARGV: id, new record, record ttl, new status, expected worker ('' = any), result ttl, result ('' = none),
+#       then the statuses the task may be in.
+_TRANSITION = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local current = cjson.decode(raw)
+local allowed = false
+for i = 8, #ARGV do
+  if current['status'] == ARGV[i] then allowed = true end
+end
+if not allowed then return 0 end
+if ARGV[5] ~= '' and current['worker'] ~= ARGV[5] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+local status = ARGV[4]
+if status == 'started' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+elseif status ~= 'queued' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[4])
+  if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[6]) end
+end
+return 1
+"""
+
+# Is a queued task's job still somewhere? KEYS: task, RQ queue list, RQ intermediate list, RQ job hash.
+# ARGV: id, worker heartbeat key prefix, now, grace. Returns 1 when the job is lost (nobody will run it).
+_JOB_LOST = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local task = cjson.decode(raw)
+if task['status'] ~= 'queued' or tonumber(ARGV[3]) - task['created_at'] < tonumber(ARGV[4]) then return 0 end
+if redis.call('LPOS', KEYS[2], ARGV[1]) then return 0 end
+if redis.call('LPOS', KEYS[3], ARGV[1]) then return 0 end
+local holder = redis.call('HGET', KEYS[4], 'worker_name')
+if holder and holder ~= '' then
+  local runtime = string.match(holder, '^(.*):[^:]*$') or holder
+  if redis.call('EXISTS', ARGV[2] .. runtime) == 1 then return 0 end
+end
+return 1
+"""
 
 
 def _key(kind: str, name: str) -> str:
@@ -59,84 +112,197 @@ def _unavailable_on_redis_errors(method):
         try:
             return method(*args, **kwargs)
         except REDIS_ERRORS as exc:
-            raise BackendUnavailable(f"Redis is unreachable ({exc}); try again shortly", retry_after=5) from None
+            log.warning("Redis unreachable in %s: %s", method.__name__, exc)  # host and port: log only
+            raise BackendUnavailable("Redis is unreachable; try again shortly", retry_after=5) from None
 
     return wrapper
 
 
+class TaskStore:
+    """Task records and their files in Redis; every status change a compare-and-set."""
+
+    def __init__(self, connection: redis.Redis, settings: Settings):
+        self.redis = connection
+        self.settings = settings
+        self.queue = Queue(QUEUE_NAME, connection=connection)
+        self._transition = connection.register_script(_TRANSITION)
+        self._job_lost = connection.register_script(_JOB_LOST)
+
+    def load(self, task_id: str) -> Task | None:
+        data = self.redis.get(_key("task", task_id))
+        if data is None:
+            return None
+        try:
+            return Task.from_json(data)
+        except CorruptRecord as exc:
+            log.error("task %s: %s; deleting it", task_id, exc)
+            self.redis.delete(_key("task", task_id))
+            return None
+
+    def move(self, task: Task, *, worker: str | None = None, result: bytes = b"",
+             expected: list[TaskStatus] | None = None) -> bool:
+        """Store `task` in its new status if the stored one may move there (or is in `expected`) and, given a
+        `worker`, is still that worker's; say whether it did."""
+        keys = [_key("task", task.task_id), "vd:started", "vd:queued", _key("input", task.task_id),
+                _key("result", task.task_id)]
+        args = [task.task_id, task.to_json(), self.settings.result_ttl + TOMBSTONE_SECONDS, task.status.value,
+                worker or "", self.settings.result_ttl, result,
+                *(s.value for s in (expected or sources(task.status)))]
+        return bool(self._transition(keys=keys, args=args))
+
+    def job_lost(self, task_id: str) -> bool:
+        keys = [_key("task", task_id), self.queue.key, self.queue.intermediate_queue_key, f"rq:job:{task_id}"]
+        return bool(self._job_lost(keys=keys, args=[task_id, _key("worker", ""), time.time(), LOST_JOB_GRACE]))
+
+    def heartbeat(self, name: str | None) -> dict | None:
+        data = self.redis.get(_key("worker", name)) if name else None
+        return json.loads(data) if data else None
+
+    def workers(self) -> list[dict]:
+        names = list(self.redis.scan_iter(match=_key("worker", "*"), count=100))
+        return [json.loads(v) for v in self.redis.mget(names) if v] if names else []
+
+    def end(self, task: Task, status: TaskStatus, error: dict | None, *, worker: str | None = None,
+            result: bytes = b"") -> bool:
+        """End `task` unless it already ended (or, for `worker`, is no longer its own)."""
+        ended = copy_of(task)
+        ended.finish(status, error)
+        if not self.move(ended, worker=worker, result=result):
+            return False
+        task.__dict__.update(ended.__dict__)
+        return True
+
+    def reap(self) -> None:
+        """Fail the tasks nobody will ever finish: running on a worker that is gone (or has moved on to another
+        task), or queued with their RQ job gone. Both the API and every worker call it."""
+        for raw_id in self.redis.smembers("vd:started"):
+            task = self.load(raw_id.decode())
+            if task is None or task.status is not TaskStatus.STARTED:
+                self.redis.srem("vd:started", raw_id)
+            else:
+                self.fail_if_abandoned(task)
+        for raw_id in self.redis.smembers("vd:queued"):
+            task_id = raw_id.decode()
+            task = self.load(task_id)
+            if task is None or task.status is not TaskStatus.QUEUED:
+                self.redis.srem("vd:queued", raw_id)
+            elif self.job_lost(task_id):
+                log.warning("task %s: its job left the queue with no live worker; failing it as abandoned", task_id)
+                self.end(task, TaskStatus.FAILED, failure("abandoned"))
+
+    def fail_if_abandoned(self, task: Task) -> None:
+        if task.status is not TaskStatus.STARTED:
+            return
+        beat = self.heartbeat(task.worker)
+        if beat is None or beat.get("task") != task.task_id:
+            if self.end(task, TaskStatus.FAILED, failure("abandoned"), worker=task.worker):
+                log.warning("task %s: its worker %s is gone; failed it as abandoned", task.task_id, task.worker)
+
+
+def copy_of(task: Task) -> Task:
+    return Task.from_json(task.to_json())
+
+
 class RedisBackend:
-    """The API side: validates nothing itself (the server did), enqueues, reads and cancels."""
+    """The API side: admits, enqueues, reads and cancels; a supervised reaper fails abandoned tasks."""
 
     def __init__(self, settings: Settings, connection: redis.Redis | None = None, *, telemetry):
         self.settings = settings
         self.redis = connection or connect(settings.redis)
-        self.queue = Queue(QUEUE_NAME, connection=self.redis)
+        self.store = TaskStore(self.redis, settings)
+        self.queue = self.store.queue
         self.telemetry = telemetry
+        self.supervisor = Supervisor()
+        self._lock = threading.RLock()
+        self._places = Places(self._lock)
+        self._draining = False
 
     def start(self) -> None:
-        """Nothing to start: the workers hold the model."""
+        self.supervisor.spawn("reaper", self._reap_loop)
+
+    def _reap_loop(self) -> None:
+        while not self.supervisor.stopping.wait(max(1.0, self.settings.worker_ttl / 3)):
+            try:
+                self.store.reap()
+            except REDIS_ERRORS as exc:
+                log.warning("reaper: Redis unreachable (%s); retrying", exc)
 
     def drain(self, timeout: float) -> None:
-        """Nothing runs in the API process: gunicorn itself waits for the synchronous requests in flight."""
+        """Refuse new work; nothing runs in the API process, and gunicorn waits for requests in flight."""
+        self._draining = True
 
     def stop(self) -> None:
+        self.supervisor.stop(5)
         self.redis.close()
 
-    # --- records ---------------------------------------------------------------------------------
+    def admission(self, mode: str):
+        def check(held: int) -> None:
+            model, detail, waiting = self._capacity()
+            admit(mode, draining=self._draining, model=model, ready_detail=detail, waiting=waiting + held,
+                  max_queue=self.settings.max_queue)
 
-    def save(self, task: Task) -> None:
-        self.redis.set(_key("task", task.task_id), task.to_json(), ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
+        return self._places.hold(check)
 
-    def load(self, task_id: str) -> Task | None:
-        data = self.redis.get(_key("task", task_id))
-        return None if data is None else Task.from_json(data)
-
-    def end(self, task: Task, status: TaskStatus, error: dict | None) -> None:
-        task.finish(status, error)
-        self.save(task)
-        self.redis.srem("vd:started", task.task_id)
-        self.redis.delete(_key("input", task.task_id))
-        self.telemetry.task_ended(task)
-
-    def overdue(self, task: Task) -> bool:
-        return task.status is TaskStatus.QUEUED and time.time() - task.created_at > self.settings.queue_timeout
-
-    # --- the backend interface the server uses --------------------------------------------------------
+    @_unavailable_on_redis_errors
+    def _capacity(self) -> tuple[ModelState, str, int]:
+        workers = self.store.workers()
+        states = {w["state"] for w in workers}
+        failed = [w for w in workers if w["state"] == "failed"]
+        if "ready" in states:
+            return ModelState.READY, "", self.queue.count
+        if failed and "loading" not in states:
+            return ModelState.FAILED, failed[0].get("error") or "", self.queue.count
+        return ModelState.LOADING, "no worker is ready to run it (start `python worker.py`)", self.queue.count
 
     @_unavailable_on_redis_errors
     def submit(self, task: Task, image: Image.Image) -> Task:
-        if task.mode == "sync" and not any(w["state"] == "ready" for w in self.workers()):
-            raise ModelNotReady("no worker is ready to run it (start `python worker.py`)", retry_after=10)
-        waiting = self.queue.count
-        if waiting >= self.settings.max_queue:
-            raise QueueFull(f"{waiting} requests are already waiting (MAX_QUEUE={self.settings.max_queue}); "
-                            "try again later", retry_after=30)
+        if not self._places.holding():
+            with self.admission(task.mode):
+                return self.submit(task, image)
         png = io.BytesIO()
         image.save(png, format="PNG", compress_level=1)
-        self.redis.set(_key("input", task.task_id), png.getvalue(), ex=self.settings.result_ttl)
-        self.save(task)
-        # RQ's own timeout is a backstop behind the per-step JOB_TIMEOUT check, which fails cleanly.
-        self.queue.enqueue_call("redis_backend.run_job", args=(task.task_id,), job_id=task.task_id,
-                                timeout=self.settings.job_timeout + 60, result_ttl=0,
-                                failure_ttl=self.settings.result_ttl)
+        with self.redis.pipeline() as pipe:  # MULTI: the record, its input and its job exist together or not at all
+            pipe.multi()
+            pipe.set(_key("input", task.task_id), png.getvalue(), ex=self.settings.result_ttl)
+            pipe.set(_key("task", task.task_id), task.to_json(), ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
+            pipe.sadd("vd:queued", task.task_id)
+            # RQ's own timeout is a backstop behind the per-step JOB_TIMEOUT check, which fails cleanly.
+            self.queue.enqueue_call("redis_backend.run_job", args=(task.task_id,), job_id=task.task_id,
+                                    timeout=self.settings.job_timeout + 60, result_ttl=0,
+                                    failure_ttl=self.settings.result_ttl, pipeline=pipe)
+            with self._lock:
+                pipe.execute()
+                self._places.release()  # RQ's queue counts it now
         self.telemetry.task_created(task)
         return task
 
     @_unavailable_on_redis_errors
     def get(self, task_id: str) -> Task | None:
-        task = self.load(task_id)
+        task = self.store.load(task_id)
         if task is None:
             return None
-        self._fail_if_abandoned(task)
-        if self.overdue(task) and self.queue.remove(task_id):  # LREM: only if no worker took it meanwhile
-            self.end(task, TaskStatus.FAILED, EXPIRED)
-        if task.status is TaskStatus.FINISHED and time.time() >= task.finished_at + self.settings.result_ttl:
-            task.expired = True
+        self.store.fail_if_abandoned(task)
+        if queue_timed_out(task, self.settings.queue_timeout) and self.queue.remove(task_id):
+            self._end_now(task, failure("queue_timeout"))  # LREM: only if no worker took it meanwhile
+        if task.status is TaskStatus.FINISHED:
+            task.expired = result_expired(task, self.settings.result_ttl)
         return task
 
+    def _end_now(self, task: Task, error: dict) -> None:
+        """End a task the API took out of RQ's queue (timed out or canceled): its job is deleted too."""
+        job = self.queue.fetch_job(task.task_id)
+        if job is not None:
+            job.delete(remove_from_queue=False)
+        status = TaskStatus.CANCELED if error["code"] == "canceled" else TaskStatus.FAILED
+        if self.store.end(task, status, error):
+            self.telemetry.task_ended(task)
+        else:
+            task.__dict__.update(self.store.load(task.task_id).__dict__)
+
     @_unavailable_on_redis_errors
-    def result(self, task: Task) -> bytes | None:
-        return self.redis.get(_key("result", task.task_id))
+    def result(self, task: Task) -> BinaryIO | None:
+        data = None if task.expired else self.redis.get(_key("result", task.task_id))
+        return None if data is None else io.BytesIO(data)
 
     @_unavailable_on_redis_errors
     def queue_position(self, task_id: str) -> int | None:
@@ -153,59 +319,50 @@ class RedisBackend:
 
     @_unavailable_on_redis_errors
     def cancel(self, task_id: str) -> Task | None:
-        """A queued task still in the RQ queue ends now; otherwise its worker stops it at the next step."""
+        """A queued task still in RQ's queue ends now; otherwise its worker stops it at the next step."""
         task = self.get(task_id)
         if task is None or task.status.terminal:
             return task
-        if task.status is TaskStatus.QUEUED and self.queue.remove(task_id):  # LREM: the worker can't have it
-            job = self.queue.fetch_job(task_id)
-            if job is not None:
-                job.delete(remove_from_queue=False)
-            self.end(task, TaskStatus.CANCELED, CANCELED)
+        if task.status is TaskStatus.QUEUED and self.queue.remove(task_id):  # LREM: no worker can have it
+            self._end_now(task, failure("canceled"))
             return task
         self.redis.set(_key("cancel", task_id), "1", ex=self.settings.job_timeout + 120)
         return task
 
-    def metrics_state(self) -> dict:
+    def metrics(self) -> dict:
         try:
-            workers, waiting = self.workers(), self.queue.count
+            workers, waiting = self.store.workers(), self.queue.count
         except REDIS_ERRORS:
             return {"model_ready": 0}
         ready = [w for w in workers if w["state"] == "ready"]
         return {"queue_depth": waiting, "workers_live": len(workers), "model_ready": int(bool(ready)),
                 "tasks_running": sum(1 for w in workers if w.get("task"))}
 
-    def workers(self) -> list[dict]:
-        names = list(self.redis.scan_iter(match=_key("worker", "*"), count=100))
-        return [json.loads(v) for v in self.redis.mget(names) if v] if names else []
-
-    def health(self) -> dict:
+    def health(self) -> Health:
+        components = self.supervisor.states()
+        details = {"mode": "redis", "components": {name: state.value for name, state in components.items()}}
         try:
-            self.reap_abandoned()
-            workers, waiting = self.workers(), self.queue.count
+            workers, waiting = self.store.workers(), self.queue.count
         except REDIS_ERRORS as exc:
-            return {"status": "unavailable", "mode": "redis", "redis": f"unreachable: {exc}"}
+            log.warning("health: Redis unreachable: %s", exc)
+            return Health("unavailable", {**details, "redis": "unreachable"})
         ready = [w for w in workers if w["state"] == "ready"]
-        info = {"status": "ok" if ready else "no_workers", "mode": "redis", "redis": "ok", "workers": len(ready),
-                "workers_not_ready": len(workers) - len(ready), "waiting": waiting,
-                "running": sum(1 for w in workers if w.get("task"))}
+        failed = [w for w in workers if w["state"] == "failed"]
+        status = derive_status(draining=self._draining, model=ModelState.READY if ready else ModelState.LOADING,
+                               components=components)
+        details.update(redis="ok", workers=len(ready), workers_not_ready=len(workers) - len(ready),
+                       waiting=waiting, running=sum(1 for w in workers if w.get("task")))
         if ready:
-            info.update({k: ready[0][k] for k in ("model", "noise", "device", "dtype")})
-        return info
+            details.update({k: ready[0][k] for k in ("model", "noise", "device", "dtype")})
+        elif failed:
+            details["error"] = {"code": "model_load_failed", "message": failed[0].get("error") or ""}
+        return Health("no_workers" if status == "loading" else status, details)
 
-    def reap_abandoned(self) -> None:
-        """Fail started tasks whose worker's heartbeat has expired (it was killed or lost Redis)."""
-        for task_id in self.redis.smembers("vd:started"):
-            task = self.load(task_id.decode())
-            if task is None:
-                self.redis.srem("vd:started", task_id)
-            else:
-                self._fail_if_abandoned(task)
 
-    def _fail_if_abandoned(self, task: Task) -> None:
-        if task.status is TaskStatus.STARTED and not self.redis.exists(_key("worker", task.worker)):
-            log.warning("task %s: its worker %s is gone; failing it as abandoned", task.task_id, task.worker)
-            self.end(task, TaskStatus.FAILED, ABANDONED)
+class TaskLost(ServiceError):
+    """This worker's task was ended elsewhere (reaped as abandoned): stop working on it."""
+
+    status, code = 409, "abandoned"
 
 
 class WorkerRuntime:
@@ -213,83 +370,141 @@ class WorkerRuntime:
 
     def __init__(self, settings: Settings, telemetry):
         self.settings = settings
-        self.backend = RedisBackend(settings, connect(settings.redis), telemetry=telemetry)
+        self.redis = connect(settings.redis)
+        self.store = TaskStore(self.redis, settings)
         self.telemetry = telemetry
-        self.name = f"{socket.gethostname()}:{os.getpid()}"
-        self.state, self.error, self.generator, self.current = "loading", None, None, None
-        self._stop = threading.Event()
+        # Unique per start: a worker restarted with the same pid (PID 1 in a container) is a new worker.
+        self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.state, self.error, self.generator, self.current = ModelState.LOADING, None, None, None
+        self.supervisor = Supervisor()
 
     def load(self, load_generator) -> None:
         try:
             self.generator = load_generator(self.settings)
-            self.state = "ready"
+            self.state = ModelState.READY
         except Exception as exc:  # noqa: BLE001 - stay up and say why, rather than crash-loop
-            log.exception("the model failed to load")
-            self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
-        self.beat()
+            from pipeline import describe_load_failure
 
-    def metrics_state(self) -> dict:
-        state = {"tasks_running": int(self.current is not None), "model_ready": int(self.state == "ready")}
+            log.exception("the model failed to load")
+            self.state, self.error = ModelState.FAILED, describe_load_failure(exc)
+        self._beat_quietly()
+
+    def metrics(self) -> dict:
+        state = {"tasks_running": int(self.current is not None), "model_ready": int(self.state is ModelState.READY)}
         if self.generator is not None:
             state.update(self.generator.memory_stats())
         return state
 
     def beat(self) -> None:
-        info = {"name": self.name, "state": self.state, "task": self.current, "error": self.error}
+        info = {"name": self.name, "state": self.state.value, "task": self.current, "error": self.error}
         if self.generator is not None:
             info.update(self.generator.describe())
-        self.backend.redis.set(_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
+        self.redis.set(_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
+
+    def _beat_quietly(self) -> None:
+        try:
+            self.beat()
+        except REDIS_ERRORS as exc:
+            log.warning("heartbeat: Redis unreachable (%s); retrying", exc)
 
     def start_heartbeat(self) -> None:
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        self.supervisor.spawn("heartbeat", self._heartbeat_loop)
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.settings.worker_ttl / 3):
+    def _heartbeat_loop(self) -> None:
+        while not self.supervisor.stopping.wait(self.settings.worker_ttl / 3):
+            self._beat_quietly()
             try:
-                self.beat()
-                self.backend.reap_abandoned()
-            except REDIS_ERRORS as exc:
-                log.warning("heartbeat: Redis unreachable (%s); retrying", exc)
+                self.store.reap()
+            except REDIS_ERRORS:
+                pass  # said by the beat above
+
+    def healthy(self) -> bool:
+        return all(state.value in ("running", "restarting") for state in self.supervisor.states().values())
 
     def stop(self) -> None:
-        self._stop.set()
+        self.supervisor.stop(5)
         try:
-            self.backend.redis.delete(_key("worker", self.name))
+            self.redis.delete(_key("worker", self.name))
         except REDIS_ERRORS:
             pass
 
     def run(self, task_id: str) -> None:
-        backend = self.backend
-        task = backend.load(task_id)
+        store = self.store
+        task = store.load(task_id)
         if task is None or task.status.terminal:
             return
-        if backend.redis.exists(_key("cancel", task_id)):
-            backend.end(task, TaskStatus.CANCELED, CANCELED)
+        if self.redis.exists(_key("cancel", task_id)):
+            self._end_unstarted(task, TaskStatus.CANCELED, failure("canceled"))
             return
-        if backend.overdue(task):
-            backend.end(task, TaskStatus.FAILED, EXPIRED)
+        if queue_timed_out(task, self.settings.queue_timeout):
+            self._end_unstarted(task, TaskStatus.FAILED, failure("queue_timeout"))
             return
-        task.start(worker=self.name)
-        backend.save(task)
-        self.telemetry.task_started(task)
-        backend.redis.sadd("vd:started", task_id)
         self.current = task_id
-        self.beat()
+        self.beat()  # the heartbeat names the task before the record does: the reaper never sees it unowned
         try:
-            def load_image() -> Image.Image:
-                return Image.open(io.BytesIO(backend.redis.get(_key("input", task_id)))).convert("RGB")
-
-            progress = progress_recorder(task, self.settings.job_timeout, backend.save,
-                                         lambda: bool(backend.redis.exists(_key("cancel", task_id))))
-            with tempfile.TemporaryDirectory(prefix="vd-") as folder:
-                out = Path(folder) / "video"
-                status, error = execute(self.generator, task, load_image, out, progress)
-                if status is TaskStatus.FINISHED:
-                    backend.redis.set(_key("result", task_id), out.read_bytes(), ex=self.settings.result_ttl)
-            backend.end(task, status, error)
+            task.start(worker=self.name)
+            if not store.move(task, expected=[TaskStatus.QUEUED]):
+                return  # canceled, failed or claimed in between
+            self.telemetry.task_started(task)
+            status, error, video = self._execute(task)
+            if self._end_retrying(task, status, error, video):
+                self.telemetry.task_ended(task)
         finally:
             self.current = None
-            self.beat()
+            self._beat_quietly()
+
+    def _end_unstarted(self, task: Task, status: TaskStatus, error: dict) -> None:
+        if self.store.end(task, status, error):
+            self.telemetry.task_ended(task)
+
+    def _execute(self, task: Task) -> tuple[TaskStatus, dict | None, bytes]:
+        def load_image() -> Image.Image:
+            data = self.redis.get(_key("input", task.task_id))
+            if data is None:
+                raise FileNotFoundError("the task's input is gone from Redis")
+            return Image.open(io.BytesIO(data)).convert("RGB")
+
+        progress = progress_recorder(task, self.settings.job_timeout, self._save_progress,
+                                     lambda: self._cancel_requested(task.task_id))
+        with tempfile.TemporaryDirectory(prefix="vd-") as folder:
+            out = Path(folder) / "video"
+            status, error = execute(self.generator, task, load_image, out, progress)
+            video = out.read_bytes() if status is TaskStatus.FINISHED else b""
+        return status, error, video
+
+    def _save_progress(self, task: Task) -> None:
+        """Progress is best effort through a Redis outage; a task taken away (reaped) stops the run."""
+        try:
+            moved = self.store.move(task, worker=self.name)
+        except REDIS_ERRORS as exc:
+            log.warning("task %s: progress not saved, Redis unreachable (%s)", task.task_id, exc)
+            return
+        if not moved:
+            raise TaskLost("this task was ended elsewhere")
+
+    def _cancel_requested(self, task_id: str) -> bool:
+        try:
+            return bool(self.redis.exists(_key("cancel", task_id)))
+        except REDIS_ERRORS:
+            return False
+
+    def _end_retrying(self, task: Task, status: TaskStatus, error: dict | None, video: bytes) -> bool:
+        """Save the end, retrying through a Redis outage (up to JOB_TIMEOUT): a task never stays `started`."""
+        delay, deadline = 0.2, time.monotonic() + self.settings.job_timeout
+        while True:
+            try:
+                ended = self.store.end(task, status, error, worker=self.name, result=video)
+                if not ended:
+                    log.warning("task %s ended elsewhere (%s); dropping this worker's result", task.task_id,
+                                (self.store.load(task.task_id) or task).status.value)
+                return ended
+            except REDIS_ERRORS as exc:
+                if time.monotonic() > deadline:
+                    log.error("task %s: could not save its end: Redis unreachable for too long", task.task_id)
+                    return False
+                log.warning("task %s: saving its end failed, Redis unreachable (%s); retrying", task.task_id, exc)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
 
 _runtime: WorkerRuntime | None = None  # set once by worker.py in a worker process
@@ -302,6 +517,6 @@ def install_runtime(runtime: WorkerRuntime) -> None:
 
 def run_job(task_id: str) -> None:
     """The RQ job: run one task on this worker process's pipeline."""
-    if _runtime is None or _runtime.state != "ready":
+    if _runtime is None or _runtime.state is not ModelState.READY:
         raise RuntimeError("run_job runs inside `python worker.py`, after the model has loaded")
     _runtime.run(task_id)

@@ -1,7 +1,11 @@
-"""Tasks: their record and states, their folder on disk, and running one from image to video file."""
+"""The task lifecycle, written once: the record, its legal transitions, admission, timeouts, expiry, failure
+codes, and running one task from image to video file. Both backends call these rules; they store and
+transport, they do not decide.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,14 +21,14 @@ from typing import Any, Callable
 from PIL import Image
 
 from encoders import FORMATS, encode_video
-from errors import GenerationTimeout, ServiceError, TaskCanceled
+from errors import GenerationTimeout, ModelNotReady, QueueFull, ServiceError, ShuttingDown, TaskCanceled
 from images import fit_image
 from params import resolve_defaults
 
 log = logging.getLogger(__name__)
-CANCELED = {"code": "canceled", "message": "canceled by request"}
-EXPIRED = {"code": "expired", "message": "the task waited longer than QUEUE_TIMEOUT and never ran; submit it again"}
-SHUTTING_DOWN = {"code": "shutting_down", "message": "the service shut down before this task's turn; submit it again"}
+
+# How long a record outlives its result, so an expired task answers 410 rather than 404 (both backends).
+TOMBSTONE_SECONDS = 7 * 86400
 
 _ID = re.compile(r"[0-9a-f]{32}")
 
@@ -41,6 +45,47 @@ class TaskStatus(str, Enum):
         return self in (TaskStatus.FINISHED, TaskStatus.FAILED, TaskStatus.CANCELED)
 
 
+# The only moves a task may make. A terminal task never changes again; STARTED -> STARTED is a progress save.
+TRANSITIONS: dict[TaskStatus, frozenset[TaskStatus]] = {
+    TaskStatus.QUEUED: frozenset({TaskStatus.STARTED, TaskStatus.FAILED, TaskStatus.CANCELED}),
+    TaskStatus.STARTED: frozenset({TaskStatus.STARTED, TaskStatus.FINISHED, TaskStatus.FAILED,
+                                   TaskStatus.CANCELED}),
+    TaskStatus.FINISHED: frozenset(), TaskStatus.FAILED: frozenset(), TaskStatus.CANCELED: frozenset(),
+}
+
+
+def sources(status: TaskStatus) -> list[TaskStatus]:
+    """The statuses a task may be in to move to `status` (what a compare-and-set checks)."""
+    return [origin for origin, targets in TRANSITIONS.items() if status in targets]
+
+
+class IllegalTransition(RuntimeError):
+    """A move the lifecycle forbids, e.g. failed -> finished: a bug or a lost race, never applied."""
+
+
+class ModelState(str, Enum):
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+
+
+# Why a task ended without a video: a stable code and a message a client can act on.
+FAILURES = {
+    "canceled": "canceled by request",
+    "queue_timeout": "the task waited longer than QUEUE_TIMEOUT and never ran; submit it again",
+    "shutting_down": "the service shut down before this task's turn; submit it again",
+    "interrupted": "the service stopped while this task was running; submit it again",
+    "abandoned": "the worker running this task stopped (killed or lost); submit it again",
+    "storage_error": "the task's files could not be written or read (disk full or removed); submit it again",
+    "generation_failed": "generation failed; the log has the details",
+    "internal_error": "the task runner failed; the log has the details",
+}
+
+
+def failure(code: str) -> dict[str, str]:
+    return {"code": code, "message": FAILURES[code]}
+
+
 def new_task_id() -> str:
     """128 random bits as 32 hex digits: the only handle on a task's video."""
     return secrets.token_hex(16)
@@ -48,6 +93,10 @@ def new_task_id() -> str:
 
 def is_task_id(value: str) -> bool:
     return bool(_ID.fullmatch(value))
+
+
+class CorruptRecord(ValueError):
+    """A stored task record that cannot be read back (truncated, empty, not JSON, wrong shape)."""
 
 
 @dataclass
@@ -64,88 +113,106 @@ class Task:
     total_steps: int | None = None
     model: str | None = None
     error: dict[str, str] | None = None  # {"code", "message"} when failed or canceled
-    result: dict[str, Any] | None = None  # format, content_type, filename, bytes; expired once deleted
+    result: dict[str, Any] | None = None  # format, content_type, filename, bytes, frames
     timings: dict[str, float] = field(default_factory=dict)  # seconds: queue_wait, generation, encoding
-    worker: str | None = None  # the RQ worker running it (Redis mode)
-    expired: bool = False  # the video and input were deleted after RESULT_TTL
+    worker: str | None = None  # who runs it: an RQ worker's unique name (Redis mode)
+    expired: bool = False  # the video was deleted after RESULT_TTL
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
 
     @classmethod
-    def from_json(cls, text: str) -> Task:
-        data = json.loads(text)
-        data["status"] = TaskStatus(data["status"])
-        return cls(**data)
+    def from_json(cls, text: str | bytes) -> Task:
+        """Read a record; fields a newer version added are ignored, ones it lacks take their defaults."""
+        try:
+            data = json.loads(text)
+            known = {f.name for f in dataclasses.fields(cls)}
+            task = cls(**{k: v for k, v in data.items() if k in known})
+            task.status = TaskStatus(task.status)
+        except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+            raise CorruptRecord(f"unreadable task record: {type(exc).__name__}") from None
+        if not is_task_id(str(task.task_id)) or not isinstance(task.params, dict):
+            raise CorruptRecord("unreadable task record: no task id or parameters")
+        return task
+
+    def move(self, status: TaskStatus) -> None:
+        """Change status, or IllegalTransition when the lifecycle forbids the move."""
+        if status not in TRANSITIONS[self.status]:
+            raise IllegalTransition(f"task {self.task_id}: {self.status.value} -> {status.value}")
+        self.status = status
 
     def start(self, worker: str | None = None) -> None:
-        self.status, self.started_at, self.phase, self.worker = TaskStatus.STARTED, time.time(), "loading", worker
+        self.move(TaskStatus.STARTED)
+        self.started_at, self.phase, self.worker = time.time(), "loading", worker
         self.timings["queue_wait"] = self.started_at - self.created_at
 
     def finish(self, status: TaskStatus, error: dict[str, str] | None = None) -> None:
-        self.status, self.error, self.finished_at = status, error, time.time()
+        self.move(status)
+        self.error, self.finished_at = error, time.time()
         if status is TaskStatus.FINISHED:
             self.phase = "done"
 
 
-def _write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(tmp_path)` then rename, so readers see the old file or the whole new one."""
+# --- the rules both backends apply -------------------------------------------------------------------
+
+def admit(mode: str, *, draining: bool, model: ModelState, ready_detail: str, waiting: int, max_queue: int) -> None:
+    """Whether a new task may join the line; raises the 503 that says why not.
+
+    Checked before anything of the request is decoded or stored: refusing must cost nothing.
+    """
+    if draining:
+        raise ShuttingDown("the service is shutting down; try again shortly", retry_after=10)
+    if model is ModelState.FAILED:
+        raise ModelNotReady(f"the model could not be loaded: {ready_detail}", retry_after=60)
+    if model is ModelState.LOADING and mode == "sync":
+        raise ModelNotReady(ready_detail or "the model is still loading; try again shortly", retry_after=10)
+    if waiting >= max_queue:
+        raise QueueFull(f"{waiting} requests are already waiting (MAX_QUEUE={max_queue}); try again later",
+                        retry_after=30)
+
+
+def queue_timed_out(task: Task, queue_timeout: int, now: float | None = None) -> bool:
+    """A queued task that waited past QUEUE_TIMEOUT: it must fail `queue_timeout` and never run."""
+    return task.status is TaskStatus.QUEUED and (now or time.time()) - task.created_at > queue_timeout
+
+
+def result_expires_at(task: Task, result_ttl: int) -> float | None:
+    return None if task.finished_at is None else task.finished_at + result_ttl
+
+
+def result_expired(task: Task, result_ttl: int, now: float | None = None) -> bool:
+    """True once a finished task's video is past RESULT_TTL (deleted, or about to be)."""
+    expires = result_expires_at(task, result_ttl)
+    return task.expired or (expires is not None and (now or time.time()) >= expires)
+
+
+def record_expires_at(task: Task, result_ttl: int) -> float | None:
+    """When an ended task's record may go: a grace period after its result, as Redis tombstones do."""
+    expires = result_expires_at(task, result_ttl)
+    return None if expires is None else expires + TOMBSTONE_SECONDS
+
+
+def write_atomic(path: Path, write: Callable[[str], None]) -> None:
+    """Write through `write(tmp_path)`, fsync, rename, fsync the folder: readers (and a power cut) see the old
+    file or the whole new one, never an empty or half-written one."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
     os.close(fd)
     try:
         write(tmp)
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    folder = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
-class TaskStore:
-    """Task folders under VIDEO_OUTPUT_PATH: `<id>/task.json`, `<id>/input.png`, `<id>/video.<ext>`."""
-
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def _dir(self, task_id: str) -> Path:
-        if not is_task_id(task_id):  # ids come from clients: never build a path from anything else
-            raise ValueError(f"not a task id: {task_id!r}")
-        return self.root / task_id
-
-    def create(self, task: Task, image: Image.Image) -> None:
-        folder = self._dir(task.task_id)
-        folder.mkdir()
-        _write_atomic(folder / "input.png", lambda tmp: image.save(tmp, format="PNG", compress_level=1))
-        self.save(task)  # the record goes last: a record on disk always has its input beside it
-
-    def save(self, task: Task) -> None:
-        _write_atomic(self._dir(task.task_id) / "task.json", lambda tmp: Path(tmp).write_text(task.to_json()))
-
-    def load(self, task_id: str) -> Task | None:
-        if not is_task_id(task_id):
-            return None
-        try:
-            return Task.from_json((self.root / task_id / "task.json").read_text())
-        except FileNotFoundError:
-            return None
-
-    def load_image(self, task_id: str) -> Image.Image:
-        with Image.open(self._dir(task_id) / "input.png") as image:
-            return image.convert("RGB")
-
-    def result_path(self, task: Task) -> Path:
-        return self._dir(task.task_id) / f"video.{FORMATS[task.params['format']].extension}"
-
-    def all_tasks(self) -> list[Task]:
-        tasks = [self.load(p.name) for p in self.root.iterdir() if is_task_id(p.name)]
-        return sorted((t for t in tasks if t is not None), key=lambda t: t.created_at)
-
-    def delete_files(self, task: Task) -> None:
-        """Remove the input and the video, keeping the record so the task answers 410, not 404."""
-        for path in self._dir(task.task_id).iterdir():
-            if path.name != "task.json":
-                path.unlink(missing_ok=True)
-
+# --- running one task --------------------------------------------------------------------------------
 
 def run_task(generator, task: Task, image: Image.Image, out_path: Path,
              progress: Callable[[str, int, int], None]) -> None:
@@ -159,7 +226,7 @@ def run_task(generator, task: Task, image: Image.Image, out_path: Path,
     generated = time.perf_counter()
     progress("encoding", params["num_inference_steps"], params["num_inference_steps"])
     fmt = FORMATS[params["format"]]
-    _write_atomic(out_path, lambda tmp: encode_video(frames, params["fps"], fmt.name, tmp))
+    write_atomic(out_path, lambda tmp: encode_video(frames, params["fps"], fmt.name, tmp))
     task.timings.update(generation=generated - started, encoding=time.perf_counter() - generated)
     task.result = {"format": fmt.name, "content_type": fmt.content_type, "bytes": out_path.stat().st_size,
                    "filename": f"{task.task_id}.{fmt.extension}", "frames": len(frames)}
@@ -167,16 +234,19 @@ def run_task(generator, task: Task, image: Image.Image, out_path: Path,
 
 def execute(generator, task: Task, load_image: Callable[[], Image.Image], out_path: Path,
             progress: Callable[[str, int, int], None]) -> tuple[TaskStatus, dict[str, str] | None]:
-    """Run `task` and say how it ended: failures (a lost input included) become a status, never an exception."""
+    """Run `task` and say how it ended: every failure becomes a status and a code, never an exception."""
     try:
         run_task(generator, task, load_image(), out_path, progress)
     except TaskCanceled:
-        return TaskStatus.CANCELED, CANCELED
+        return TaskStatus.CANCELED, failure("canceled")
     except ServiceError as exc:
         return TaskStatus.FAILED, {"code": exc.code, "message": exc.message}
+    except OSError:  # disk full, a folder deleted underneath, an unreadable input
+        log.exception("task %s: storage failed", task.task_id)
+        return TaskStatus.FAILED, failure("storage_error")
     except Exception:  # noqa: BLE001 - one task's failure must not stop the runner
         log.exception("task %s failed", task.task_id)
-        return TaskStatus.FAILED, {"code": "generation_failed", "message": "generation failed; the log has the details"}
+        return TaskStatus.FAILED, failure("generation_failed")
     return TaskStatus.FINISHED, None
 
 

@@ -72,7 +72,7 @@ class _BackendCollector:
         self.backend = backend
 
     def collect(self):
-        state = self.backend.metrics_state()
+        state = self.backend.metrics()
         for name, help_text in (("queue_depth", "Tasks waiting to run."), ("tasks_running", "Tasks running now."),
                                 ("model_ready", "1 when a model is loaded and taking tasks."),
                                 ("workers_live", "Redis mode: workers with a fresh heartbeat."),

@@ -10,13 +10,13 @@ import logging
 import signal
 import sys
 import threading
-import uuid
 
 from prometheus_client import start_http_server
 from rq import SimpleWorker
 
 from config import ConfigError, load_settings
 from redis_backend import QUEUE_NAME, REDIS_ERRORS, WorkerRuntime, connect, install_runtime
+from tasks import ModelState
 from telemetry import Telemetry, configure_logging
 
 log = logging.getLogger("worker")
@@ -61,7 +61,7 @@ def main() -> int:
     runtime.start_heartbeat()
     runtime.load(load_generator)
     try:
-        if runtime.state != "ready":
+        if runtime.state is not ModelState.READY:
             log.error("not taking jobs: %s", runtime.error)
             stop.wait()  # stay up and visible in /health rather than crash-loop
             return 1
@@ -74,12 +74,12 @@ def main() -> int:
 
 def _work(runtime: WorkerRuntime, stop: threading.Event) -> None:
     """Run RQ's work loop; when Redis goes away, RQ's loop ends, so start another when it is back."""
-    delay = 1.0
+    delay, starts = 1.0, 0
     connection = connect(runtime.settings.redis, blocking=True)  # RQ blocks on the queue for minutes
     while not stop.is_set():
         try:
-            worker = _Worker([QUEUE_NAME], connection=connection,
-                             name=f"{runtime.name}:{uuid.uuid4().hex[:8]}")
+            starts += 1  # RQ's name for this loop is the runtime's plus a count: its jobs trace back to our heartbeat
+            worker = _Worker([QUEUE_NAME], connection=connection, name=f"{runtime.name}:{starts}")
             worker.stop_requested = stop
             worker.work(logging_level=runtime.settings.log_level.upper())
             delay = 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -61,6 +62,9 @@ def make_app(tmp_path, generator):
     apps = []
 
     def make(load=None, **env):
+        # Each app owns its data folder (one instance per folder): the first is tmp_path/videos.
+        folder = tmp_path / ("videos" if not apps else f"videos-{len(apps) + 1}")
+        env = {"VIDEO_OUTPUT_PATH": str(folder), **env}
         app = create_app(settings_for(tmp_path, **env), load=load or (lambda settings: generator))
         apps.append(app)
         wait_ready(app.test_client())
@@ -96,6 +100,7 @@ class Gunicorn:
     """`make run`'s command (gunicorn with gunicorn.conf.py) as a real process on a free port."""
 
     def __init__(self, tmp_path: Path, env: dict[str, str]):
+        tmp_path.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = tmp_path / "videos"
@@ -120,7 +125,8 @@ class Gunicorn:
         raise AssertionError("gunicorn did not become ready:\n" + self.logs())
 
     def logs(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return Path(self.log.name).read_text(errors="replace")
 
     def kill(self) -> None:
@@ -171,20 +177,22 @@ def decode_video(data: bytes, fmt: str) -> tuple[np.ndarray, float]:
 
 
 class RedisServer:
-    """Debian's redis-server on a free loopback port, without persistence; restartable on the same port."""
+    """Debian's redis-server on a free loopback port; restartable on the same port, with its data if `persist`."""
 
-    def __init__(self, tmp_path: Path):
+    def __init__(self, tmp_path: Path, persist: bool = False):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.dir = tmp_path
+        self.persist = persist
         self.process = None
 
     def start(self) -> None:
         redis_server = shutil.which("redis-server")
         assert redis_server, "redis-server (Debian package) is installed by `make test`"
         self.process = subprocess.Popen(
-            [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            [redis_server, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes" if self.persist else "no", "--appendfsync", "always", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             with socket.socket() as sock:
@@ -218,9 +226,15 @@ class WorkerProcess:
         self.process = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env={**os.environ, **env},
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
-    @property
-    def name(self) -> str:
-        return f"{socket.gethostname()}:{self.process.pid}"
+    name: str | None = None  # the worker's unique name, from its first heartbeat
+
+    def find_heartbeat(self, connection) -> bytes | None:
+        """This process's heartbeat (names are `host:pid:random`, new at every start)."""
+        names = connection.keys(f"vd:worker:{socket.gethostname()}:{self.process.pid}:*")
+        if not names:
+            return None
+        self.name = names[0].decode().split(":", 2)[2]
+        return connection.get(names[0])
 
     def logs(self) -> str:
         self.log.flush()
@@ -233,9 +247,9 @@ class WorkerProcess:
         self.log.close()
 
 
-def start_worker_processes(folder: Path, model_dir: Path, redis_url: str, count: int = 1,
+def start_worker_processes(folder: Path, model_dir: Path, redis_url: str, count: int = 1, wait_for: str = "ready",
                            **env: str) -> list[WorkerProcess]:
-    """`count` workers on `redis_url`, returned once each one's heartbeat says it is ready."""
+    """`count` workers on `redis_url`, returned once each one's heartbeat says it is `wait_for` (ready)."""
     import redis as redis_client
 
     base = {"REDIS_URL": redis_url, "SVD_MODEL": str(model_dir), "WORKER_TTL": "3", **env}
@@ -243,8 +257,8 @@ def start_worker_processes(folder: Path, model_dir: Path, redis_url: str, count:
     connection = redis_client.Redis.from_url(redis_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
-        beats = [connection.get(f"vd:worker:{w.name}") for w in new]
-        if all(b and b"\"ready\"" in b for b in beats):
+        beats = [w.find_heartbeat(connection) for w in new]
+        if all(b and json.loads(b)["state"] == wait_for for b in beats):
             return new
         for worker in new:
             assert worker.process.poll() is None, worker.logs()

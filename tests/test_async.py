@@ -179,5 +179,5 @@ def test_a_task_whose_input_is_lost_fails_and_the_runner_carries_on(client, tmp_
     after = submit(client, **SMALL).json["task_id"]
     client.delete(f"/tasks/{holder}")
     final = poll(client, lost, ended)
-    assert final["status"] == "failed" and final["error"]["code"] == "generation_failed"
+    assert final["status"] == "failed" and final["error"]["code"] == "storage_error"
     assert poll(client, after, ended)["status"] == "finished"

@@ -69,19 +69,24 @@ def test_health_is_503_loading_until_the_model_is_ready(tmp_path, generator):
 
 
 @pytest.mark.parametrize("env,needle", [
-    ({"SVD_MODEL": "/nonexistent/svd-folder"}, "/nonexistent/svd-folder"),
+    ({"SVD_MODEL": "/nonexistent/svd-folder"}, "SVD_MODEL names neither a model folder on this machine"),
+    ({"SVD_MODEL": "stabilityai/stable-video-diffusion-img2vid-xt"},
+     "the model could not be downloaded: no access to the model hub"),
     ({"SVD_MODEL": "tiny", "SVD_OFFLOAD": "model"}, "SVD_OFFLOAD=model needs a CUDA device"),
     ({"SVD_MODEL": "tiny", "SVD_DEVICE": "cuda"}, "no cuda device"),
 ])
-def test_a_failed_load_keeps_the_process_up_and_says_why(tmp_path, env, needle):
+def test_a_failed_load_keeps_the_process_up_and_says_why_but_not_where(tmp_path, env, needle):
     app = create_app(settings_for(tmp_path, **env), load=load_generator)
     client = app.test_client()
     try:
         health = wait_ready(client)
-        assert health["status"] == "failed" and needle in health["error"]
+        assert health["status"] == "failed" and health["error"]["code"] == "model_load_failed"
+        assert needle in health["error"]["message"]
         assert client.get("/health").status_code == 503
         response = client.post("/generate", data=upload(image_bytes(), **SMALL))
         assert response.status_code == 503 and needle in response.json["error"]["message"]
+        for body in (client.get("/health").get_data(as_text=True), response.get_data(as_text=True)):
+            assert "/nonexistent" not in body and "Error" not in body and str(tmp_path) not in body
     finally:
         app.extensions["video_diffusion"].backend.stop()
 

@@ -168,9 +168,9 @@ def test_queue_timeout_fails_a_waiting_task_that_never_runs(make_app):
     poll(client, holder, running)
     waiting = submit(client, **SMALL).json["task_id"]
     final = poll(client, waiting, ended, timeout=10)
-    assert final["status"] == "failed" and final["error"]["code"] == "expired" and final["started_at"] is None
+    assert final["status"] == "failed" and final["error"]["code"] == "queue_timeout" and final["started_at"] is None
     client.delete(f"/tasks/{holder}")
-    assert metric(client, 'video_diffusion_tasks_failed_total{code="expired"}') == 1
+    assert metric(client, 'video_diffusion_tasks_failed_total{code="queue_timeout"}') == 1
 
 
 def test_job_timeout_stops_a_long_generation_and_the_next_runs(make_app):

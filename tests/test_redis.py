@@ -160,7 +160,7 @@ def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(own_api, s
 
 def _worker_of(client, task_id) -> str:
     backend = client.application.extensions["video_diffusion"].backend
-    return backend.load(task_id).worker
+    return backend.store.load(task_id).worker
 
 
 def test_redis_down_answers_503_fast_and_everything_recovers(own_api, redis_server, start_workers):

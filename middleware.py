@@ -1,0 +1,124 @@
+"""What every request goes through: a request id, the API key, CORS, one access-log line, and JSON errors."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import re
+import time
+import uuid
+
+from flask import Flask, current_app, g, jsonify, request
+from werkzeug.exceptions import HTTPException
+
+import errors
+
+log = logging.getLogger("server")
+
+PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files (blueprint "page")
+QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics", "page.static"}  # probed often: logged at debug
+REQUEST_ID = re.compile(r"[\w.\-]{1,128}")
+EXPOSED_HEADERS = "Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id"
+
+
+def init_app(app: Flask) -> None:
+    app.before_request(_before_request)
+    app.after_request(_after_request)
+    app.register_error_handler(errors.ServiceError, service_error)
+    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(Exception, _unexpected_error)
+
+
+def _settings():
+    return current_app.extensions["video_diffusion"].settings
+
+
+def _before_request() -> None:
+    given = request.headers.get("X-Request-Id", "")
+    g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    g.started = time.perf_counter()
+    _authorize()
+
+
+def _authorize() -> None:
+    settings = _settings()
+    if not settings.api_key or request.method == "OPTIONS" or request.endpoint is None:
+        return  # no keys; a CORS preflight (browsers send no credentials); or an unknown path (404)
+    if request.endpoint in PUBLIC_ENDPOINTS or request.blueprint == "page":
+        return
+    if request.endpoint == "api.metrics" and settings.metrics_public:
+        return
+    header = request.headers.get("Authorization", "")
+    given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
+    matched = False
+    for key in settings.api_key:  # every key is compared, in constant time
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    if not matched:
+        raise errors.Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+
+
+def _after_request(response):
+    service = current_app.extensions["video_diffusion"]
+    response.headers["X-Request-Id"] = g.get("request_id", "")
+    _add_cors_headers(response, service.settings.cors_origins)
+    route = request.url_rule.rule if request.url_rule else "unmatched"
+    service.telemetry.http.labels(request.method, route, str(response.status_code)).inc()
+    duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+    level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS else logging.INFO
+    log.log(level, "%s %s %s %.1f ms client=%s task=%s", request.method, request.path, response.status_code,
+            duration_ms, request.remote_addr, response.headers.get("X-Task-Id", "-"),
+            extra={"request_id": g.get("request_id"), "task_id": response.headers.get("X-Task-Id"),
+                   "method": request.method, "path": request.path, "status": response.status_code,
+                   "duration_ms": round(duration_ms, 1)})
+    return response
+
+
+def _add_cors_headers(response, origins) -> None:
+    origin = request.headers.get("Origin")
+    if not origins or not origin or ("*" not in origins and origin not in origins):
+        return
+    response.headers["Access-Control-Allow-Origin"] = "*" if "*" in origins else origin
+    response.headers["Access-Control-Expose-Headers"] = EXPOSED_HEADERS
+    response.vary.add("Origin")
+    if request.method == "OPTIONS":
+        response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, X-API-Key, Content-Type, Prefer, X-Request-Id"
+        response.headers["Access-Control-Max-Age"] = "600"
+
+
+# --- errors -----------------------------------------------------------------------------------------
+
+def service_error(exc: errors.ServiceError):
+    response = jsonify(exc.to_dict())
+    response.status_code = exc.status
+    response.headers.update(exc.headers)
+    if exc.retry_after is not None:
+        response.headers["Retry-After"] = str(exc.retry_after)
+    return response
+
+
+_HTTP_CODES = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.MethodNotAllowed,
+               413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType}
+
+
+def _http_error(exc: HTTPException):
+    if exc.code == 413:
+        message = (f"the request is larger than MAX_UPLOAD_MB={_settings().max_upload_mb} MiB "
+                   "or has too many form parts")
+    else:
+        message = exc.description or exc.name
+    error_class = _HTTP_CODES.get(exc.code)
+    if error_class is None:
+        response = jsonify({"error": {"code": "http_error", "message": message}})
+        response.status_code = exc.code
+    else:
+        response = service_error(error_class(message))
+    for name, value in exc.get_headers():  # e.g. `Allow` on a 405
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def _unexpected_error(exc: Exception):
+    log.exception("unexpected error on %s %s", request.method, request.path)
+    return service_error(errors.ServiceError("internal error; the server log has the details"))

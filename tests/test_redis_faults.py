@@ -1,0 +1,146 @@
+"""Faults in Redis mode: Redis restarted with its data mid-task, a worker restarted under the same name, a job
+popped and never claimed, a slow worker whose task was reaped. Every accepted task ends, and a task that
+ended never changes again."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import redis_backend
+from conftest import SMALL, RedisServer, image_bytes, start_worker_processes, upload
+from redis_backend import TaskStore
+from tasks import Task, TaskStatus, new_task_id
+from test_async import ended, poll, running, submit
+from test_redis import make_api
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def api(tmp_path, redis_server):
+    """The API on this test's own Redis, with no worker: tests play the worker's part by hand."""
+    app, client = make_api(tmp_path, redis_server.url)
+    yield app.extensions["video_diffusion"].backend, client
+    app.extensions["video_diffusion"].backend.stop()
+
+
+def _queued_task(backend) -> Task:
+    from PIL import Image
+
+    task = Task(task_id=new_task_id(), mode="async", params={"seed": 1, "format": "mp4"})
+    return backend.submit(task, Image.new("RGB", (64, 64)))
+
+
+def _claim(store: TaskStore, task_id: str, worker: str) -> Task:
+    """What a worker does when RQ hands it the job: take it off the queue and claim it."""
+    store.redis.lrem(store.queue.key, 1, task_id)
+    task = store.load(task_id)
+    task.start(worker=worker)
+    assert store.move(task, expected=[TaskStatus.QUEUED])
+    return task
+
+
+def _beat(store: TaskStore, worker: str, task_id: str | None) -> None:
+    store.redis.set(f"vd:worker:{worker}", json.dumps({"name": worker, "state": "ready", "task": task_id}), ex=30)
+
+
+def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, tiny_model_dir):
+    server = RedisServer(tmp_path, persist=True)
+    server.start()
+    (worker,) = start_worker_processes(tmp_path, tiny_model_dir, server.url)
+    app, client = make_api(tmp_path, server.url)
+    try:
+        task_id = submit(client, **dict(SMALL, num_inference_steps=40)).json["task_id"]
+        poll(client, task_id, lambda body: running(body) and body["progress"]["step"] >= 2, timeout=60)
+        server.stop()  # its data is on disk (appendfsync always)
+        time.sleep(1.5)
+        server.start()
+        final = poll(client, task_id, ended, timeout=90)
+        assert final["status"] == "finished", final
+        assert client.get(f"/results/{task_id}").status_code == 200
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+        worker.stop()
+        server.stop()
+
+
+def test_a_worker_restarted_under_the_same_name_fails_its_old_task(api):
+    backend, client = api
+    store = backend.store
+    worker = "box:1:0a0b0c"  # PID 1 in a container, before names carried a random part
+    kept = _claim(store, _queued_task(backend).task_id, worker)
+    _beat(store, worker, kept.task_id)
+    store.reap()
+    assert store.load(kept.task_id).status is TaskStatus.STARTED  # its worker is alive and on it
+
+    _beat(store, worker, None)  # the same name, beating again, but running nothing
+    store.reap()
+    record = client.get(f"/status/{kept.task_id}").json
+    assert record["status"] == "failed" and record["error"]["code"] == "abandoned"
+
+
+def test_a_failed_task_never_becomes_finished(api):
+    backend, client = api
+    store = backend.store
+    slow = "slow:7:abcdef"
+    task = _claim(store, _queued_task(backend).task_id, slow)
+    store.reap()  # no heartbeat at all: failed as abandoned
+    assert store.load(task.task_id).status is TaskStatus.FAILED
+    # The slow worker goes on: its progress and its end are refused, its video never stored.
+    task.step = 5
+    assert store.move(task, worker=slow) is False
+    assert store.end(task, TaskStatus.FINISHED, None, worker=slow, result=b"a video") is False
+    assert store.load(task.task_id).status is TaskStatus.FAILED
+    assert store.redis.get(f"vd:result:{task.task_id}") is None
+    assert client.get(f"/results/{task.task_id}").json["error"]["code"] == "abandoned"
+
+
+def test_a_job_popped_but_never_claimed_does_not_stay_queued(api, monkeypatch):
+    backend, client = api
+    store = backend.store
+    monkeypatch.setattr(redis_backend, "LOST_JOB_GRACE", 0)
+    in_queue, in_flight, held, lost = (_queued_task(backend).task_id for _ in range(4))
+    for task_id in (in_flight, held, lost):  # RQ moves a popped job to its intermediate list ...
+        store.redis.lrem(store.queue.key, 1, task_id)
+        store.redis.rpush(store.queue.intermediate_queue_key, task_id)
+    for task_id, worker in ((held, "alive:2:aaaaaa"), (lost, "dead:3:bbbbbb")):  # ... then names its worker
+        store.redis.hset(f"rq:job:{task_id}", "worker_name", f"{worker}:1")
+        store.redis.lrem(store.queue.intermediate_queue_key, 1, task_id)
+    _beat(store, "alive:2:aaaaaa", None)
+    store.reap()
+    statuses = {task_id: client.get(f"/status/{task_id}").json for task_id in (in_queue, in_flight, held, lost)}
+    assert [statuses[t]["status"] for t in (in_queue, in_flight, held)] == ["queued"] * 3
+    assert statuses[lost]["status"] == "failed" and statuses[lost]["error"]["code"] == "abandoned"
+
+
+def test_no_public_body_names_the_redis_host(tmp_path):
+    port = RedisServer(tmp_path).port  # a free port nothing listens on
+    app, client = make_api(tmp_path, f"redis://127.0.0.1:{port}/0")
+    try:
+        responses = [client.get("/health"), client.post("/generate", data=upload(image_bytes(), **SMALL)),
+                     client.get(f"/status/{'a' * 32}"), client.delete(f"/tasks/{'a' * 32}")]
+        for response in responses:
+            assert response.status_code == 503
+            text = response.get_data(as_text=True)
+            assert "127.0.0.1" not in text and str(port) not in text and "Error" not in text, text
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+def test_a_worker_that_cannot_load_says_what_not_where(tmp_path, tiny_model_dir, redis_server):
+    secret = tmp_path / "secret-model-store" / "svd"
+    (worker,) = start_worker_processes(tmp_path, secret, redis_server.url, wait_for="failed")
+    app, client = make_api(tmp_path, redis_server.url)
+    try:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json["error"]["code"] == "model_load_failed"
+        assert "SVD_MODEL names neither" in health.json["error"]["message"]
+        assert "secret-model-store" not in health.get_data(as_text=True)
+        refused = client.post("/generate", data=upload(image_bytes(), **SMALL))
+        assert refused.status_code == 503 and "secret-model-store" not in refused.get_data(as_text=True)
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+        worker.stop()

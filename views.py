@@ -1,0 +1,97 @@
+"""Responses: a task as JSON, its video, and its progress as Server-Sent Events."""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from datetime import datetime, timezone
+
+from flask import Response, current_app, jsonify, send_file, stream_with_context, url_for
+
+import errors
+from tasks import Task, TaskStatus
+
+EVENT_INTERVAL = 0.25  # seconds between checks of a task followed by /status/<id>/events
+EVENT_KEEPALIVE = 15.0  # seconds between comment lines that keep proxies from closing an idle stream
+
+
+def _service():
+    return current_app.extensions["video_diffusion"]
+
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
+
+
+def status_body(task: Task) -> dict:
+    """The task as clients see it."""
+    return {
+        "task_id": task.task_id, "status": task.status.value, "mode": task.mode,
+        "progress": {"phase": task.phase, "step": task.step, "total": task.total_steps},
+        "queue_position": _service().backend.queue_position(task.task_id)
+        if task.status is TaskStatus.QUEUED else None,
+        "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+        "seed": task.params["seed"], "params": task.params, "model": task.model, "timings": task.timings,
+        "error": task.error, "expired": task.expired,
+        "status_url": url_for("api.status", task_id=task.task_id),
+        "result_url": url_for("api.results", task_id=task.task_id)
+        if task.status is TaskStatus.FINISHED and not task.expired else None,
+    }
+
+
+def status_response(task: Task, status_code: int, **headers: str):
+    """The task as JSON, from `/status`, a 202 `/results`, `DELETE /tasks` and async submission."""
+    response = jsonify(status_body(task))
+    response.status_code = status_code
+    response.headers.update({"X-Task-Id": task.task_id, **headers})
+    return response
+
+
+def video_response(task: Task):
+    """The finished task's video with its seed, model and timings; the task's own error otherwise."""
+    if task.status is not TaskStatus.FINISHED:
+        raise errors.from_code(task.error["code"], task.error["message"])
+    video = _service().backend.result(task)
+    if video is None:
+        raise errors.ResultExpired(f"the video was deleted RESULT_TTL={_service().settings.result_ttl} s after it "
+                                   "was made")
+    size = video.seek(0, io.SEEK_END)
+    video.seek(0)
+    response = send_file(video, mimetype=task.result["content_type"], as_attachment=True,
+                         download_name=task.result["filename"], max_age=0)
+    response.content_length = size
+    timings = task.timings
+    response.headers.update({
+        "X-Task-Id": task.task_id,
+        "X-Seed": str(task.params["seed"]),
+        "X-Model": task.model,
+        "Server-Timing": ", ".join(f"{name};dur={timings.get(key, 0) * 1000:.1f}" for name, key in
+                                   (("queue", "queue_wait"), ("generate", "generation"), ("encode", "encoding"))),
+    })
+    return response
+
+
+def event_stream(task: Task) -> Response:
+    """Server-Sent Events: one `status` event per change of the task, until it ends (`curl -N` reads it)."""
+    backend = _service().backend
+
+    def events():
+        last, idle, current = None, 0.0, task
+        while True:
+            body = status_body(current)
+            if body != last:
+                yield f"event: status\ndata: {json.dumps(body)}\n\n"
+                last, idle = body, 0.0
+            if current.status.terminal:
+                return
+            time.sleep(EVENT_INTERVAL)
+            idle += EVENT_INTERVAL
+            if idle >= EVENT_KEEPALIVE:
+                yield ": keep-alive\n\n"
+                idle = 0.0
+            current = backend.get(task.task_id) or current
+
+    return Response(stream_with_context(events()), mimetype="text/event-stream",
+                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Task-Id": task.task_id})
