@@ -6,7 +6,7 @@ PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # torch is installed first and pinned: left to a resolver, it pulls a multi-GB build.
 TORCH := torch==2.13.0
 
-.PHONY: run test bench lint docs system-deps clean
+.PHONY: run test bench soak lint docs system-deps clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -39,9 +39,14 @@ system-deps:
 test: $(VENV)/.test-installed system-deps
 	$(PY) -m pytest
 
-# Runs everything in bench/ on this machine and rewrites BENCHMARKS.md (BENCH_MODEL=svd-xt on a GPU machine).
+# Runs the benchmarks in bench/ on this machine and rewrites their sections of BENCHMARKS.md
+# (BENCH_MODEL=svd-xt on a GPU machine).
 bench: $(VENV)/.test-installed
-	$(PY) bench/run.py
+	$(PY) bench/run.py overhead.py encoding.py load.py gpu_stages.py
+
+# The lifecycle state machines and SIGKILL crash runs at length (~20 min), into BENCHMARKS.md.
+soak: $(VENV)/.test-installed system-deps
+	$(PY) bench/run.py soak.py
 
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/hadolint Dockerfile

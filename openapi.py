@@ -37,7 +37,7 @@ def _errors(*codes: int) -> dict[str, Any]:
                 "MAX_IMAGE_PIXELS.", 415: "Not a PNG, JPEG or WebP image.", 422: "A parameter is unknown, of the "
                 "wrong type or out of range.", 500: "Generation failed.", 503: "Model not ready, line full, "
                 "shutting down, or Redis unreachable (Retry-After).", 504: "The generation or the synchronous wait "
-                "ran out of time.", 507: "The GPU ran out of memory for this request."}
+                "ran out of time.", 507: "The GPU ran out of memory for this request, or the upload could not be stored."}
     return {str(code): _json("Error", meanings[code]) for code in codes}
 
 
@@ -104,7 +104,7 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                 **_errors(401, 404, 409, 503)}, method="delete"),
             "/health": {"get": {"summary": "Readiness: 200 once a model (or, with Redis, a worker) is ready.",
                                 "responses": {"200": _json("Health", "Ready."),
-                                              "503": _json("Health", "Loading, failed, draining or no worker.")}}},
+                                              "503": _json("Health", "Loading, failed, unhealthy, draining, or no worker.")}}},
             "/livez": {"get": {"summary": "Liveness: 200 whenever the process answers.",
                                "responses": {"200": {"description": "Alive.", "content": {JSON: {"schema": {
                                    "type": "object", "properties": {"status": {"const": "alive"}}}}}}}}},
@@ -130,10 +130,14 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {
     "task_id": {"type": "string"}, "status_url": {"type": "string"}, "result_url": {"type": "string"}}}
 
 _HEALTH = {"type": "object", "required": ["status"], "properties": {
-    "status": {"type": "string", "enum": ["ok", "loading", "failed", "draining", "no_workers", "unavailable"]},
+    "status": {"type": "string", "enum": ["ok", "loading", "failed", "unhealthy", "draining", "no_workers",
+                                          "unavailable"]},
     "model": {"type": "string"}, "noise": {"type": "boolean"}, "device": {"type": "string"},
     "dtype": {"type": "string"},
-    "waiting": {"type": "integer"}, "running": {"type": "integer"}, "error": {"type": "string"},
+    "waiting": {"type": "integer"}, "running": {"type": "integer"},
+    "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
+    "components": {"type": "object", "additionalProperties": {
+        "type": "string", "enum": ["running", "done", "restarting", "failed", "stopped"]}},
     "mode": {"type": "string"}, "redis": {"type": "string"}, "workers": {"type": "integer"}}}
 
 

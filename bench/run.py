@@ -11,7 +11,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffusers", "encoding.py", []),
-              ("Load", "load.py", []), ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")])]
+              ("Load", "load.py", []), ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")]),
+              ("Soak: lifecycle and crashes", "soak.py", [])]
 
 
 def machine() -> str:
@@ -26,19 +27,35 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def _sections(text: str) -> dict[str, str]:
+    """BENCHMARKS.md's `## ` sections by title."""
+    parts = text.split("\n## ")[1:]
+    return {part.split("\n", 1)[0]: "## " + part.rstrip("\n") + "\n" for part in parts}
+
+
 def main() -> None:
-    sections = [f"# Benchmarks\n\nWritten by `make bench` (`python bench/run.py`) on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.\n\n"
-                f"Machine: {machine()}.\n\nShared, noisy machines: every goal is a ratio of two things measured side "
-                "by side in the same run, with medians over repeated runs.\n"]
+    """Run the benchmarks named on the command line by script (all without names); keep the other sections."""
+    chosen = sys.argv[1:]
+    path = HERE.parent / "BENCHMARKS.md"
+    sections = _sections(path.read_text()) if path.exists() else {}
+    header = (f"# Benchmarks\n\nWritten by `make bench` (`python bench/run.py [script ...]`); this header on "
+              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, each section says when it ran.\n\n"
+              f"Machine: {machine()}.\n\nShared, noisy machines: every goal is a ratio of two things measured side "
+              "by side in the same run, with medians over repeated runs.\n")
     for title, script, extra in BENCHMARKS:
+        if chosen and script not in chosen:
+            continue
         command = ["python", f"bench/{script}", *extra]
         started = time.monotonic()
         result = subprocess.run([sys.executable, str(HERE / script), *extra], capture_output=True, text=True,
                                 check=False)
         output = result.stdout.strip() if result.returncode == 0 else f"Failed:\n\n```\n{result.stderr[-3000:]}\n```"
-        sections.append(f"## {title}\n\nCommand: `{' '.join(command)}` ({time.monotonic() - started:.0f} s)\n\n{output}\n")
+        sections[title] = (f"## {title}\n\nCommand: `{' '.join(command)}` ({time.monotonic() - started:.0f} s, "
+                           f"{time.strftime('%Y-%m-%d', time.gmtime())})\n\n{output}\n")
         print(f"{title}: done", file=sys.stderr)
-    (HERE.parent / "BENCHMARKS.md").write_text("\n".join(sections))
+    order = [title for title, _, _ in BENCHMARKS]
+    ordered = sorted(sections, key=lambda t: order.index(t) if t in order else len(order))
+    path.write_text("\n".join([header, *(sections[t] for t in ordered)]))
 
 
 if __name__ == "__main__":
