@@ -27,6 +27,8 @@ PORT = 5013
 MAX_UPLOAD_MB = 20
 MAX_IMAGE_PIXELS = 40_000_000
 MAX_QUEUE = 8
+MAX_EVENT_STREAMS = 16
+REQUEST_TIMEOUT = 60
 GENERATE_MODE = "sync"
 JOB_TIMEOUT = 1800
 QUEUE_TIMEOUT = 3600
@@ -139,6 +141,10 @@ VARIABLES = (
              "Largest input image, width x height (413 beyond); also Pillow's decompression-bomb limit."),
     Variable("MAX_QUEUE", _int(1, 100000),
              "Requests that may wait behind the running one; more get 503 at once (at least 1)."),
+    Variable("MAX_EVENT_STREAMS", _int(1, 1000),
+             "`/status/{id}/events` streams open at once; more get 503 (the web page then polls)."),
+    Variable("REQUEST_TIMEOUT", _int(1, 3600),
+             "Seconds a client has to send a whole request (and at most 15 of them without a byte); then 408."),
     Variable("MAX_DIMENSION", _int(64, 2048),
              "Largest `width`/`height` (and `sizing=source` side) accepted: a cap for small cards."),
     Variable("MAX_STEPS", _int(1, 100), "Largest `num_inference_steps` accepted."),

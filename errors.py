@@ -52,6 +52,10 @@ class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
 
 
+class NotImplementedMethod(ServiceError):
+    status, code = 501, "not_implemented"
+
+
 class AlreadyEnded(ServiceError):
     status, code = 409, "already_ended"
 
@@ -114,6 +118,10 @@ class WorkerLost(ServiceError):
     """The worker running the task was killed or lost (Redis mode)."""
 
     status, code = 503, "abandoned"
+
+
+class TooManyStreams(ServiceError):
+    status, code = 503, "too_many_streams"
 
 
 class QueueFull(ServiceError):

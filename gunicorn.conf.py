@@ -25,9 +25,11 @@ except (ConfigError, FolderInUse) as _exc:
 wsgi_app = "server:create_app()"
 bind = f"{_settings.host}:{_settings.port}"
 workers = 1
-worker_class = "gthread"
-# Every waiting synchronous request holds a thread; keep spares for /health and quick answers.
-threads = _settings.max_queue + 8
+# gthread, with a front that receives each whole request before it takes a thread (front.py).
+worker_class = "front.FrontWorker"
+# Threads for requests already received: every waiting synchronous request and the running one, every event
+# stream, and spares for quick answers. Probes (/health, /livez, /metrics) have a pool of their own.
+threads = _settings.max_queue + 1 + _settings.max_event_streams + 4
 preload_app = False
 timeout = 120  # worker heartbeat: the generation runs in its own thread, so long jobs don't trip it
 # SIGTERM: the running generation may take up to JOB_TIMEOUT to finish; then gunicorn's own wind-down.

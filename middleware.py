@@ -7,6 +7,7 @@ import logging
 import re
 import time
 import uuid
+from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -18,6 +19,10 @@ log = logging.getLogger("server")
 PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files (blueprint "page")
 QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics", "page.static"}  # probed often: logged at debug
 REQUEST_ID = re.compile(r"[\w.\-]{1,128}")
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# The page previews uploads and plays results from blob: URLs; nothing is fetched from another origin.
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: data:; object-src 'none'; "
+               "frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
 EXPOSED_HEADERS = "Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id"
 
 
@@ -37,6 +42,8 @@ def _before_request() -> None:
     given = request.headers.get("X-Request-Id", "")
     g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     g.started = time.perf_counter()
+    if request.method not in KNOWN_METHODS:
+        raise errors.NotImplementedMethod(f"method {request.method[:16]!r} is not supported")
     _authorize()
 
 
@@ -60,9 +67,15 @@ def _authorize() -> None:
 def _after_request(response):
     service = current_app.extensions["video_diffusion"]
     response.headers["X-Request-Id"] = g.get("request_id", "")
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    if request.blueprint == "page":
+        response.headers["Content-Security-Policy"] = PAGE_POLICY
+        response.headers["X-Frame-Options"] = "DENY"
     _add_cors_headers(response, service.settings.cors_origins)
+    # Labels from closed sets only: made-up methods and paths must not grow /metrics.
     route = request.url_rule.rule if request.url_rule else "unmatched"
-    service.telemetry.http.labels(request.method, route, str(response.status_code)).inc()
+    method = request.method if request.method in KNOWN_METHODS else "other"
+    service.telemetry.http.labels(method, route, str(response.status_code)).inc()
     duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS else logging.INFO
     log.log(level, "%s %s %s %.1f ms client=%s task=%s", request.method, request.path, response.status_code,
@@ -98,7 +111,7 @@ def service_error(exc: errors.ServiceError):
 
 
 _HTTP_CODES = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.MethodNotAllowed,
-               413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType}
+               413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType, 501: errors.NotImplementedMethod}
 
 
 def _http_error(exc: HTTPException):
@@ -116,6 +129,8 @@ def _http_error(exc: HTTPException):
     for name, value in exc.get_headers():  # e.g. `Allow` on a 405
         if name.lower() != "content-type":
             response.headers[name] = value
+    if "Location" in response.headers:  # a routing redirect: never point clients at whatever `Host` said
+        response.headers["Location"] = urlsplit(response.headers["Location"])._replace(scheme="", netloc="").geturl()
     return response
 
 

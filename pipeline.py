@@ -39,7 +39,7 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class ModelInfo:
-    name: str  # what the operator asked for, e.g. "svd-xt", "tiny", a repo id or a folder
+    name: str  # how users see it: "svd-xt", "tiny", a repo id, or a local folder's own name (never its path)
     source: str | None  # what from_pretrained loads; None builds the tiny pipeline in memory
     noise: bool  # random weights: outputs are noise, and every user-facing place says so
     defaults: dict[str, int] = field(default_factory=dict)
@@ -66,9 +66,11 @@ def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
         defaults, noise = dict(SVD_DEFAULTS, num_frames=frames), False
     elif (Path(name) / TINY_MARKER).is_file():
         defaults = json.loads((Path(name) / TINY_MARKER).read_text())["defaults"]
-        source, noise = name, True
+        source, noise, name = name, True, TINY
     else:
         defaults, source, noise = dict(SVD_DEFAULTS), name, False
+        if Path(name).is_dir():  # public answers name the folder, not where it is
+            name = Path(name).name
     for key, value in (("num_frames", settings.video_frames), ("width", settings.video_width),
                        ("height", settings.video_height)):
         if value is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
+import threading
 import time
 
 from flask import Blueprint, Flask, current_app, jsonify, request, url_for
@@ -20,7 +21,7 @@ import errors
 import middleware
 from backend import Backend
 from config import Settings, load_settings
-from images import load_image, target_size
+from images import decode_image, open_image, target_size
 from openapi import build_document
 from params import capped, parse_params, schema
 from tasks import Task, TaskStatus, is_task_id, new_task_id
@@ -34,16 +35,20 @@ page = Blueprint("page", __name__, static_folder="static", static_url_path="/sta
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 IMAGE_FIELDS = ("image", "file")
 WAIT_SLICE = 0.5  # seconds between checks that a synchronous client is still connected
+DECODES_AT_ONCE = 2  # a full-size decode can take ~100 MB: at most this many at a time
 
 
 class Service:
-    """What the routes share: settings, the backend, telemetry and the parameter schema."""
+    """What the routes share: settings, the backend, telemetry, the parameter schema, and the bounds on
+    concurrent image decodes and event streams."""
 
     def __init__(self, settings: Settings, backend: Backend, telemetry: Telemetry):
         self.settings = settings
         self.backend = backend
         self.telemetry = telemetry
         self.params = capped(settings.max_dimension, settings.max_steps)
+        self.decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
+        self.streams = threading.BoundedSemaphore(settings.max_event_streams)
 
     def drain(self) -> None:
         """On SIGTERM: refuse new work, let the running task finish, keep queued async tasks for the next start."""
@@ -99,9 +104,11 @@ def generate():
     mode = _requested_mode(service.settings.generate_mode)
     with service.backend.admission(mode):  # auth, draining and queue room before the body is read or decoded
         params = parse_params(_raw_params(), service.params)
-        image = load_image(_read_image_bytes(), service.settings.max_image_pixels)
+        image = open_image(_read_image_bytes(), service.settings.max_image_pixels)  # the header alone
         if params["sizing"] == "source":
             target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
+        with service.decodes, service.telemetry.decode.time():
+            image = decode_image(image, service.settings.max_dimension)
         task = service.backend.submit(Task(task_id=new_task_id(), mode=mode, params=params), image)
     if mode == "async":
         return status_response(task, 202, Location=url_for("api.status", task_id=task.task_id))
@@ -222,15 +229,20 @@ def _wait_for(task_id: str) -> Task:
     """Wait for a synchronous task, up to SYNC_TIMEOUT; a client that hangs up gives up its place."""
     service = _service()
     deadline = time.monotonic() + service.settings.sync_timeout
+    links = {"task_id": task_id, "status_url": url_for("api.status", task_id=task_id),
+             "result_url": url_for("api.results", task_id=task_id)}
     while True:
-        task = service.backend.wait(task_id, min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))
+        try:
+            task = service.backend.wait(task_id, min(WAIT_SLICE, max(0.0, deadline - time.monotonic())))
+        except errors.BackendUnavailable as exc:  # the task may still run: say which, so a retry is no duplicate
+            raise errors.BackendUnavailable(f"{exc.message}; the task may still run: fetch it from result_url",
+                                            retry_after=exc.retry_after, details=links) from None
         if task.status.terminal:
             return task
         if time.monotonic() >= deadline:
             raise errors.SyncTimeout(
                 f"no video within SYNC_TIMEOUT={service.settings.sync_timeout} s; the task goes on: fetch it later",
-                details={"task_id": task_id, "status_url": url_for("api.status", task_id=task_id),
-                         "result_url": url_for("api.results", task_id=task_id)})
+                details=links)
         if _client_disconnected():
             log.info("client of task %s hung up; canceling it", task_id)
             service.backend.cancel(task_id)

@@ -33,6 +33,8 @@ class Telemetry:
                                     buckets=_SECONDS_BUCKETS, registry=r)
         self.encoding = Histogram(f"{PREFIX}_encoding_seconds", "Time encoding frames into a video file.",
                                   buckets=_SECONDS_BUCKETS, registry=r)
+        self.decode = Histogram(f"{PREFIX}_image_decode_seconds", "Time decoding an upload (after admission).",
+                                buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.http = Counter(f"{PREFIX}_http_requests", "HTTP requests, by method, route and status.",
                             ["method", "route", "status"], registry=r)
 

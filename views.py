@@ -14,6 +14,7 @@ from tasks import Task, TaskStatus
 
 EVENT_INTERVAL = 0.25  # seconds between checks of a task followed by /status/<id>/events
 EVENT_KEEPALIVE = 15.0  # seconds between comment lines that keep proxies from closing an idle stream
+EVENT_STREAM_SECONDS = 300.0  # a stream ends after this; EventSource reconnects, other clients poll
 
 
 def _service():
@@ -74,12 +75,21 @@ def video_response(task: Task):
 
 
 def event_stream(task: Task) -> Response:
-    """Server-Sent Events: one `status` event per change of the task, until it ends (`curl -N` reads it)."""
-    backend = _service().backend
+    """Server-Sent Events: one `status` event per change of the task, until it ends (`curl -N` reads it).
+
+    Each open stream holds a thread, so at most MAX_EVENT_STREAMS are open at once (503 beyond) and each lasts
+    at most EVENT_STREAM_SECONDS.
+    """
+    service = _service()
+    if not service.streams.acquire(blocking=False):
+        raise errors.TooManyStreams(f"{service.settings.max_event_streams} event streams are open "
+                                    "(MAX_EVENT_STREAMS); poll /status/{task_id} instead", retry_after=5)
+    backend = service.backend
 
     def events():
         last, idle, current = None, 0.0, task
-        while True:
+        ends = time.monotonic() + EVENT_STREAM_SECONDS
+        while time.monotonic() < ends:
             body = status_body(current)
             if body != last:
                 yield f"event: status\ndata: {json.dumps(body)}\n\n"
@@ -93,5 +103,7 @@ def event_stream(task: Task) -> Response:
                 idle = 0.0
             current = backend.get(task.task_id) or current
 
-    return Response(stream_with_context(events()), mimetype="text/event-stream",
-                    headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Task-Id": task.task_id})
+    response = Response(stream_with_context(events()), mimetype="text/event-stream",
+                        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no", "X-Task-Id": task.task_id})
+    response.call_on_close(service.streams.release)
+    return response

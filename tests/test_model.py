@@ -32,6 +32,13 @@ def test_svd_model_names(env, gpu, name, repo, frames):
     assert model.noise == (name == "tiny")
 
 
+def test_a_local_folder_is_named_by_its_own_name_not_its_path(tmp_path):
+    folder = tmp_path / "studio-svd-xt"
+    folder.mkdir()
+    model = describe_model(load_settings({"SVD_MODEL": str(folder)}, dotenv_path=None), gpu=True)
+    assert (model.name, model.source, model.label) == ("studio-svd-xt", str(folder), "studio-svd-xt")
+
+
 def test_video_size_settings_are_the_defaults():
     model = describe_model(settings(SVD_MODEL="svd", VIDEO_WIDTH="512", VIDEO_HEIGHT="320"), gpu=True)
     assert (model.defaults["width"], model.defaults["height"]) == (512, 320)
@@ -39,6 +46,7 @@ def test_video_size_settings_are_the_defaults():
 
 def test_a_saved_tiny_folder_loads_back_identically_and_is_known_as_noise(generator, tiny_model_dir):
     assert generator.model.noise and generator.model.source == str(tiny_model_dir)
+    assert generator.model.label == "tiny (random weights: the output is noise)"  # its path is nobody's business
     assert "random weights" in generator.model.label
     built = build_tiny_pipeline().unet.state_dict()
     loaded = generator.pipe.unet.state_dict()
