@@ -52,10 +52,6 @@ class MethodNotAllowed(ServiceError):
     status, code = 405, "method_not_allowed"
 
 
-class NotImplementedMethod(ServiceError):
-    status, code = 501, "not_implemented"
-
-
 class AlreadyEnded(ServiceError):
     status, code = 409, "already_ended"
 

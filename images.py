@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import logging
 import warnings
+from functools import partial
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -32,6 +33,11 @@ def sniff_format(data: bytes) -> str:
                                field="image")
 
 
+# Pillow decodes a WebP whole, through two full-size buffers (~15 bytes a pixel at its peak), where a PNG
+# takes one and a JPEG decodes at a reduced scale: WebP gets this share of MAX_IMAGE_PIXELS.
+WEBP_SHARE = 4
+
+
 def open_image(data: bytes, max_pixels: int) -> Image.Image:
     """Open an upload from its header alone: format by its bytes, size checked, nothing decoded yet."""
     if not data:
@@ -51,6 +57,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
                             f"{max_pixels} (MAX_IMAGE_PIXELS)", field="image")
     # Every 8x8 block of a JPEG costs at least a bit: fewer bytes than that is a header claiming a size its
     # data does not have (libjpeg would fill the rest with grey without a word).
+    if fmt == "WEBP" and width * height > max_pixels // WEBP_SHARE:
+        raise ImageTooLarge(f"the WebP image is {width}x{height} = {width * height} pixels; WebP images are decoded "
+                            f"whole, so their limit is MAX_IMAGE_PIXELS/{WEBP_SHARE} = {max_pixels // WEBP_SHARE}",
+                            field="image")
     if fmt == "JPEG" and len(data) < width * height / 1024:
         raise InvalidImage(f"the JPEG image is truncated: its header says {width}x{height}, its data is far too "
                            "short for that", field="image")
@@ -60,8 +70,9 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
 def decode_image(image: Image.Image, max_side: int) -> Image.Image:
     """Decode an opened upload to upright 8-bit RGB, at most `max_side` on its long side.
 
-    Memory stays near one full-size decode: JPEGs decode at a reduced scale (draft); 16-bit images become 8-bit
-    strip by strip; everything is reduced before any other full-size conversion (transparency, EXIF turn).
+    Memory stays near one full-size decode: JPEGs decode at a reduced scale (draft); everything else is
+    converted and box-reduced a strip at a time, so no second full-size copy (float, 32-bit, premultiplied
+    alpha) is ever made; transparency and the EXIF turn are applied to the small result.
     """
     fmt = image.format
     try:
@@ -71,10 +82,7 @@ def decode_image(image: Image.Image, max_side: int) -> Image.Image:
                 image.draft("RGB", (max_side, max_side))
             image.load()
             exif = image.getexif()
-            if image.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-                image = _sixteen_to_eight(image)
-            elif image.mode in ("P", "PA", "1"):
-                image = image.convert("RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB")
+            image = _reduce_in_strips(image, max(1, max(image.size) // max_side))
             image.thumbnail((max_side, max_side), Image.Resampling.LANCZOS, reducing_gap=3.0)
             image = ImageOps.exif_transpose(_with_exif(image, exif))
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
@@ -104,19 +112,41 @@ def _undecodable(fmt: str, exc: BaseException) -> InvalidImage:
     return InvalidImage(f"the {fmt} image could not be decoded: it is truncated or corrupt", field="image")
 
 
-_STRIP_ROWS = 256
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
-def _sixteen_to_eight(image: Image.Image) -> Image.Image:
-    """16-bit (or 32-bit integer) greyscale to 8-bit by scaling, not clipping at 255 as convert("L") does;
-    a strip at a time, so no full-size float or 32-bit copy is ever made."""
+def _reduce_in_strips(image: Image.Image, factor: int) -> Image.Image:
+    """`image` in a mode that reduces cleanly (8-bit), box-reduced by `factor`, one strip of rows at a time."""
+    if image.mode in _SIXTEEN_BIT:
+        convert = _sixteen_to_eight
+    elif image.mode in ("P", "PA", "1"):  # palette transparency needs the whole image's info: kept per strip
+        target = "RGBA" if "transparency" in image.info or image.mode == "PA" else "RGB"
+        convert = partial(Image.Image.convert, mode=target)
+    elif factor == 1:
+        return image
+    else:
+        convert = _unchanged
     width, height = image.size
-    out = Image.new("L", image.size)
-    for top in range(0, height, _STRIP_ROWS):
-        levels = np.asarray(image.crop((0, top, width, min(height, top + _STRIP_ROWS)))).astype(np.int64)
-        scaled = (np.clip(levels, 0, 65535) * 255 + 32767) // 65535  # round(level / 257)
-        out.paste(Image.fromarray(scaled.astype(np.uint8), "L"), (0, top))
+    rows = factor * max(1, 256 // factor)
+    out = None
+    for top in range(0, height, rows):
+        piece = convert(image.crop((0, top, width, min(height, top + rows))))
+        if factor > 1:
+            piece = piece.reduce(factor)
+        if out is None:
+            out = Image.new(piece.mode, (-(-width // factor), -(-height // factor)))
+        out.paste(piece, (0, top // factor))
     return out
+
+
+def _unchanged(piece: Image.Image) -> Image.Image:
+    return piece
+
+
+def _sixteen_to_eight(piece: Image.Image) -> Image.Image:
+    """16-bit (or 32-bit integer) greyscale to 8-bit by scaling, not clipping at 255 as convert("L") does."""
+    levels = np.asarray(piece).astype(np.int64)
+    return Image.fromarray(((np.clip(levels, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8), "L")
 
 
 def target_size(image_size: tuple[int, int], width: int, height: int, sizing: str,

@@ -19,9 +19,10 @@ log = logging.getLogger("server")
 PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files (blueprint "page")
 QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics", "page.static"}  # probed often: logged at debug
 REQUEST_ID = re.compile(r"[\w.\-]{1,128}")
-KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"})  # RFC 9110
 # The page previews uploads and plays results from blob: URLs; nothing is fetched from another origin.
-PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: data:; object-src 'none'; "
+PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: data:; connect-src 'self' blob:; "
+               "object-src 'none'; "
                "frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
 EXPOSED_HEADERS = "Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id"
 
@@ -42,8 +43,6 @@ def _before_request() -> None:
     given = request.headers.get("X-Request-Id", "")
     g.request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
     g.started = time.perf_counter()
-    if request.method not in KNOWN_METHODS:
-        raise errors.NotImplementedMethod(f"method {request.method[:16]!r} is not supported")
     _authorize()
 
 
@@ -68,6 +67,8 @@ def _after_request(response):
     service = current_app.extensions["video_diffusion"]
     response.headers["X-Request-Id"] = g.get("request_id", "")
     response.headers["X-Content-Type-Options"] = "nosniff"
+    if "Location" in response.headers:  # e.g. werkzeug's slash redirects: never point at whatever `Host` said
+        response.headers["Location"] = urlsplit(response.headers["Location"])._replace(scheme="", netloc="").geturl()
     if request.blueprint == "page":
         response.headers["Content-Security-Policy"] = PAGE_POLICY
         response.headers["X-Frame-Options"] = "DENY"
@@ -111,7 +112,7 @@ def service_error(exc: errors.ServiceError):
 
 
 _HTTP_CODES = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.MethodNotAllowed,
-               413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType, 501: errors.NotImplementedMethod}
+               413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType}
 
 
 def _http_error(exc: HTTPException):
@@ -129,8 +130,6 @@ def _http_error(exc: HTTPException):
     for name, value in exc.get_headers():  # e.g. `Allow` on a 405
         if name.lower() != "content-type":
             response.headers[name] = value
-    if "Location" in response.headers:  # a routing redirect: never point clients at whatever `Host` said
-        response.headers["Location"] = urlsplit(response.headers["Location"])._replace(scheme="", netloc="").geturl()
     return response
 
 

@@ -111,12 +111,13 @@ class Gunicorn:
                                         cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
 
-    def wait_ready(self, timeout: float = 60.0) -> dict:
+    def wait_ready(self, timeout: float = 60.0, path: str = "/health") -> dict:
+        """Until `path` answers 200 (`/livez` for a process that answers before it is ready)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.process.poll() is None, self.logs()
             try:
-                response = requests.get(self.url + "/health", timeout=2)
+                response = requests.get(self.url + path, timeout=2)
                 if response.status_code == 200:
                     return response.json()
             except requests.ConnectionError:

@@ -39,12 +39,20 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path):
     ({"SVD_OFFLOAD": "gpu"}, "SVD_OFFLOAD='gpu': must be one of none, model, sequential"),
     ({"SVD_COMPILE": "maybe"}, "SVD_COMPILE='maybe': must be true or false"),
     ({"VIDEO_FRAMES": "40"}, "VIDEO_FRAMES='40': must be between 14 and 30"),
+    ({"MAX_QUEUE": "0"}, "MAX_QUEUE='0': must be between 1 and 100000"),
     ({"VIDEO_WIDTH": "512"}, "VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither"),
     ({"VIDEO_WIDTH": "500", "VIDEO_HEIGHT": "320"}, "VIDEO_WIDTH=500: must be a multiple of 8"),
 ])
 def test_a_bad_value_names_the_variable_its_value_and_what_is_allowed(env, needle):
     with pytest.raises(ConfigError, match="^" + needle.replace("(", r"\(")):
         load_settings(env, dotenv_path=None)
+
+
+def test_a_bad_value_from_dotenv_says_so(tmp_path):
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("MAX_QUEUE=none\n")
+    with pytest.raises(ConfigError, match=f"^MAX_QUEUE='none': must be a whole number \\(set in {dotenv}\\)$"):
+        load_settings({}, dotenv_path=str(dotenv))
 
 
 def test_every_setting_has_one_variable():

@@ -108,6 +108,17 @@ def test_body_over_max_upload_is_413(make_app):
     assert "MAX_UPLOAD_MB=1" in response.json["error"]["message"]
 
 
+def test_a_webp_over_its_share_of_max_image_pixels_is_refused_from_its_header(make_app):
+    client = make_app(MAX_IMAGE_PIXELS="8000000").test_client()  # WebP: 2,000,000 pixels
+    buffer = io.BytesIO()
+    Image.new("RGB", (2100, 1000), (9, 9, 9)).save(buffer, format="WEBP", quality=10)
+    response = client.post("/generate", data=upload(buffer.getvalue(), **SMALL))
+    assert response.status_code == 413 and "WebP" in response.json["error"]["message"]
+    buffer = io.BytesIO()
+    Image.new("RGB", (1900, 1000), (9, 9, 9)).save(buffer, format="WEBP", quality=10)
+    assert client.post("/generate", data=upload(buffer.getvalue(), **SMALL)).status_code == 200
+
+
 def test_unknown_route_and_method_are_json(client):
     assert client.get("/nope").json["error"]["code"] == "not_found"
     assert client.get("/generate").status_code == 405
