@@ -124,7 +124,7 @@ def test_records_go_a_grace_period_after_results_and_ended_inputs_at_once(make_a
     assert not (tmp_path / "videos" / canceled / "input.png").exists()
     client.delete(f"/tasks/{holder}")
     poll(client, holder, ended)
-    assert not (tmp_path / "videos" / holder / "input.png").exists()
+    assert _wait_for(lambda: not (tmp_path / "videos" / holder / "input.png").exists())  # as its end is saved
     done = submit(client, prefer="wait", **SMALL).headers["X-Task-Id"]
     assert _wait_for(lambda: client.get(f"/status/{done}").status_code == 404, timeout=10)
     assert not (tmp_path / "videos" / done).exists() and not (tmp_path / "videos" / canceled).exists()

@@ -201,7 +201,7 @@ def _worker_pid(server) -> int:
 
 
 def _decodes(server) -> float:
-    text = requests.get(server.url + "/metrics", timeout=5).text
+    text = requests.get(server.url + "/metrics", timeout=30).text
     return float(next(line.split()[1] for line in text.splitlines()
                       if line.startswith("video_diffusion_image_decode_seconds_count")))
 
@@ -258,10 +258,11 @@ def test_uploads_to_a_full_line_are_refused_before_any_decode(tmp_path, redis_se
         refused, refused_mb = _peak_growth_mb(pid, lambda: _upload_concurrently(server, png, 20))
         print(f"20 uploads refused: API peak RSS +{refused_mb:.0f} MB")
         codes = [r.json()["error"]["code"] for r in refused]
-        # Inside pytest on this VM, a few of the 20 client connections sometimes send nothing for seconds after
-        # connecting (the server's first byte arrives 6-16 s after accept; never seen from a plain script):
-        # the front then answers 408 for a request that never arrived. Either way nothing is accepted.
-        assert set(codes) <= {"queue_full", "request_timeout"} and codes.count("queue_full") >= 15, codes
+        # Inside pytest on this VM a client connection sometimes sends nothing for seconds after connecting (the
+        # server logs the first byte 6-16 s after accept; never seen from a plain script): the front then
+        # answers 408 to a request that never arrived. Such a client sends again; nothing is ever accepted.
+        retried = [_upload_big(server, png).json()["error"]["code"] for code in codes if code == "request_timeout"]
+        assert [c for c in codes if c != "request_timeout"] + retried == ["queue_full"] * 20, codes
         assert _decodes(server) == decodes  # refused before any decode
         assert refused_mb < 30
     finally:
