@@ -19,6 +19,7 @@ from PIL import Image
 import store as store_module
 from config import load_settings
 from pipeline import ModelInfo
+from redis_backend import REDIS_ERRORS
 from tasks import TRANSITIONS, Task, TaskStatus, new_task_id
 from telemetry import Telemetry
 
@@ -243,7 +244,10 @@ class RedisMachine(_Machine):
         """RQ's dequeue in short: pop into the intermediate list, name the worker, run, delete the job."""
         connection, queue = runtime.redis, runtime.store.queue
         while not stop.is_set():
-            task_id = connection.blmove(queue.key, queue.intermediate_queue_key, 0.2)
+            try:
+                task_id = connection.blmove(queue.key, queue.intermediate_queue_key, 0.2)
+            except REDIS_ERRORS:
+                return  # the test's Redis is gone: so is this worker
             if task_id is None:
                 continue
             task_id = task_id.decode()
@@ -316,9 +320,10 @@ class RedisMachine(_Machine):
                         assert video is None or video.read(6) == b"GIF89a"  # None: expired meanwhile
                 self.every_history_is_a_legal_path()
         finally:
-            for runtime, generator, stop, _thread in self.workers:
+            for runtime, generator, stop, thread in self.workers:
                 stop.set()
                 generator.released.set()
+                thread.join(10)
                 runtime.stop()
             if self.api is not None:
                 self.api.stop()
