@@ -7,15 +7,34 @@ What would stop the service at start is checked here, in the master, and said in
 a data folder another instance owns.
 """
 
+import errno
 import signal
+import socket
 import sys
 import threading
 
 from config import ConfigError, load_settings
 from store import FolderInUse, probe_folder
 
+
+
+def _probe_port(host: str, port: int) -> None:
+    """Say in one line that the port is taken, instead of gunicorn's five retries and a traceback."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+            raise ConfigError(f"PORT={port}: address already in use (another `make run`?). Pick another port: "
+                              f"PORT={port + 1} make run, with its own VIDEO_OUTPUT_PATH if the first one keeps "
+                              "running") from None
+
+
 try:
     _settings = load_settings()
+    _probe_port(_settings.host, _settings.port)
     if not _settings.redis:
         probe_folder(_settings.video_output_path)  # the worker takes the lock for good; this only asks
 except (ConfigError, FolderInUse) as _exc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import errno
 import json
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -159,6 +160,19 @@ def test_a_bad_setting_stops_gunicorn_with_one_line(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
         "video-diffusion: MAX_QUEUE='0': must be between 1 and 100000"]
+
+
+def test_a_port_in_use_stops_gunicorn_with_one_line(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"], cwd=ROOT,
+                                env={"PATH": "/usr/bin:/bin", "HOST": "127.0.0.1", "PORT": str(port),
+                                     "VIDEO_OUTPUT_PATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"PORT={port}: address already in use" in lines[0], result.stderr
 
 
 def test_a_runner_that_dies_once_is_restarted_and_its_task_fails(make_app, monkeypatch):
