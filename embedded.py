@@ -275,20 +275,17 @@ class EmbeddedBackend:
                 self._cond.notify_all()
 
     def _save_quietly(self, task: Task) -> bool:
-        """Write `task` down; on a disk error keep it in memory (the janitor retries) rather than fail."""
-        snapshot = copy.deepcopy(task) if not task.status.terminal else task
+        """Write an ended task down; on a disk error keep it in memory (the janitor retries) rather than fail."""
         try:
-            if task.status.terminal:
-                self.store.delete_input(task)
-            self.store.save(snapshot)
+            self.store.delete_input(task)
+            self.store.save(task)
         except OSError:
             log.exception("task %s: could not save its record; keeping it in memory and retrying", task.task_id)
             return False
-        if task.status.terminal:
-            with self._cond:
-                if self._live.get(task.task_id) is task:
-                    del self._live[task.task_id]
-                self._schedule_expiry(task)
+        with self._cond:
+            if self._live.get(task.task_id) is task:
+                del self._live[task.task_id]
+            self._schedule_expiry(task)
         return True
 
     # --- the janitor ------------------------------------------------------------------------------

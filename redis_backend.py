@@ -296,8 +296,8 @@ class RedisBackend:
         status = TaskStatus.CANCELED if error["code"] == "canceled" else TaskStatus.FAILED
         if self.store.end(task, status, error):
             self.telemetry.task_ended(task)
-        else:
-            task.__dict__.update(self.store.load(task.task_id).__dict__)
+        elif (current := self.store.load(task.task_id)) is not None:  # it ended otherwise meanwhile
+            task.__dict__.update(current.__dict__)
 
     @_unavailable_on_redis_errors
     def result(self, task: Task) -> BinaryIO | None:
