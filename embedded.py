@@ -274,19 +274,18 @@ class EmbeddedBackend:
                 self._running = None
                 self._cond.notify_all()
 
-    def _save_quietly(self, task: Task) -> bool:
+    def _save_quietly(self, task: Task) -> None:
         """Write an ended task down; on a disk error keep it in memory (the janitor retries) rather than fail."""
         try:
             self.store.delete_input(task)
             self.store.save(task)
         except OSError:
             log.exception("task %s: could not save its record; keeping it in memory and retrying", task.task_id)
-            return False
+            return
         with self._cond:
             if self._live.get(task.task_id) is task:
                 del self._live[task.task_id]
             self._schedule_expiry(task)
-        return True
 
     # --- the janitor ------------------------------------------------------------------------------
 

@@ -418,9 +418,6 @@ class WorkerRuntime:
             except REDIS_ERRORS:
                 pass  # said by the beat above
 
-    def healthy(self) -> bool:
-        return all(state.value in ("running", "restarting") for state in self.supervisor.states().values())
-
     def stop(self) -> None:
         self.supervisor.stop(5)
         try:
