@@ -35,6 +35,8 @@ QUEUE_TIMEOUT = 3600
 SYNC_TIMEOUT = 600
 MAX_DIMENSION = 2048
 MAX_STEPS = 100
+MAX_OUTPUT_FRAMES = 600
+RESULT_CACHE = True
 WORKER_TTL = 30
 WORKER_METRICS_PORT = 9101
 API_KEY = None
@@ -148,6 +150,12 @@ VARIABLES = (
     Variable("MAX_DIMENSION", _int(64, 2048),
              "Largest `width`/`height` (and `sizing=source` side) accepted: a cap for small cards."),
     Variable("MAX_STEPS", _int(1, 100), "Largest `num_inference_steps` accepted."),
+    Variable("MAX_OUTPUT_FRAMES", _int(14, 100000),
+             "Most frames one video may have after `segments`, `loop` and `output_fps` (422 beyond): bounds "
+             "the work, memory (frames x width x height x 3 bytes) and file size of one request."),
+    Variable("RESULT_CACHE", _bool,
+             "Answer a repeat of a request that names its `seed` (same image pixels, parameters and model) "
+             "from the earlier video while it is kept, with `X-Cache: hit`."),
     Variable("GENERATE_MODE", _choice("sync", "async"),
              "What `POST /generate` does without a `Prefer` header."),
     Variable("JOB_TIMEOUT", _int(1),

@@ -18,8 +18,8 @@ from backend import Health, Places, Supervisor, derive_status
 from config import Settings
 from errors import StorageFull
 from store import TaskStore
-from tasks import (ModelState, Task, TaskStatus, admit, execute, failure, progress_recorder, queue_timed_out,
-                   record_expires_at, result_expired, result_expires_at)
+from tasks import (ModelState, Task, TaskStatus, admit, cacheable, execute, failure, progress_recorder,
+                   queue_timed_out, record_expires_at, result_expired, result_expires_at, reuse)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class EmbeddedBackend:
         self._running: Task | None = None
         self._draining = False
         self._expiries: list[tuple[float, str, str]] = []  # heap of (when, "result" | "record", task id)
+        self._cache: dict[str, str] = {}  # result cache: a request's cache key -> the task that made its video
         self.generator = None
         self.model_state = ModelState.LOADING
         self.model_error: str | None = None  # curated: safe to show to clients
@@ -92,6 +93,7 @@ class EmbeddedBackend:
                     self._end(task, TaskStatus.FAILED, failure("interrupted"))
                 else:
                     self._schedule_expiry(task)
+                    self._remember(task)
         if self._queue:
             log.info("recovered %d queued task(s)", len(self._queue))
 
@@ -121,10 +123,13 @@ class EmbeddedBackend:
         return self._places.hold(check)
 
     def submit(self, task: Task, image) -> Task:
-        """Put `task` in line: on disk (input, then record) before it is accepted."""
+        """Put `task` in line: on disk (input, then record) before it is accepted. A repeat of a request whose
+        video is still kept is answered from it: a finished task at once."""
         if not self._places.holding():
             with self.admission(task.mode):
                 return self.submit(task, image)
+        if task.cache_key and (hit := self._answer_from_cache(task)) is not None:
+            return hit
         try:
             self.store.write_input(task, image)
             with self._cond:
@@ -142,6 +147,29 @@ class EmbeddedBackend:
                               retry_after=60) from None
         self.telemetry.task_created(accepted)
         return accepted
+
+    def _answer_from_cache(self, task: Task) -> Task | None:
+        with self._cond:
+            original = self._cache.get(task.cache_key)
+        hit = reuse(self.get(original) if original else None, task, self.settings.result_ttl)
+        if hit is None:
+            return None
+        try:
+            self.store.save(hit)
+        except OSError:
+            log.exception("task %s: could not store a cache hit's record; generating instead", task.task_id)
+            self.store.delete(task.task_id)
+            return None
+        with self._cond:
+            self._places.release()
+            self._schedule_expiry(hit)
+        self.telemetry.task_created(hit)
+        return hit
+
+    def _remember(self, task: Task) -> None:
+        """Index a finished task's video for repeats of its request (the caller holds the lock)."""
+        if cacheable(task) and not task.expired:
+            self._cache[task.cache_key] = task.task_id
 
     def get(self, task_id: str) -> Task | None:
         with self._cond:
@@ -263,6 +291,7 @@ class EmbeddedBackend:
             if task.status.terminal:
                 return
             task.finish(status, error)
+            self._remember(task)
             if task.task_id in self._queue:
                 self._queue.remove(task.task_id)
             self._cancel_requested.discard(task.task_id)
@@ -321,6 +350,9 @@ class EmbeddedBackend:
             return
         task = self.store.load(task_id)
         if task is not None and not task.expired:
+            with self._cond:
+                if task.cache_key and self._cache.get(task.cache_key) == task_id:
+                    del self._cache[task.cache_key]
             self.store.delete_files(task)
             task.expired = True
             try:

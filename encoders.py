@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
+import zipfile
 from dataclasses import dataclass
 
 import imageio_ffmpeg
@@ -22,6 +24,7 @@ FORMATS = {
     "webm": Format("webm", "webm", "video/webm"),
     "gif": Format("gif", "gif", "image/gif"),
     "webp": Format("webp", "webp", "image/webp"),
+    "frames": Format("frames", "zip", "application/zip"),
 }
 
 # ffmpeg output options per format. MP4: H.264 yuv420p (plays everywhere), moov before mdat so a browser
@@ -48,6 +51,8 @@ def encode_video(frames: np.ndarray, fps: int, fmt: str, path: str) -> None:
         raise ValueError(f"frames must be N x H x W x 3 uint8, got {frames.shape} {frames.dtype}")
     if fmt == "gif":
         _encode_gif(frames, fps, path)
+    elif fmt == "frames":
+        _write_frames_zip(frames, path)
     else:
         _encode_ffmpeg(frames, fps, _FFMPEG_ARGS[fmt], path)
 
@@ -79,3 +84,12 @@ def _encode_gif(frames: np.ndarray, fps: int, path: str) -> None:
     durations = [10 * (b - a) for a, b in zip(ticks, ticks[1:])]
     images[0].save(path, format="GIF", save_all=True, append_images=images[1:], duration=durations,
                    loop=0, disposal=1)
+
+
+def _write_frames_zip(frames: np.ndarray, path: str) -> None:
+    """Lossless PNG frames `frame_0000.png`, ... in a ZIP, stored (PNG is compressed already)."""
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED) as archive:
+        for index, frame in enumerate(frames):
+            png = io.BytesIO()
+            Image.fromarray(frame).save(png, format="PNG", compress_level=3)
+            archive.writestr(f"frame_{index:04d}.png", png.getvalue())

@@ -41,12 +41,22 @@ def _errors(*codes: int) -> dict[str, Any]:
     return {str(code): _json("Error", meanings[code]) for code in codes}
 
 
-_VIDEO = {"description": "The video.", "headers": {
+_VIDEO_JSON = {"type": "object", "required": ["video", "content_type", "seed", "task_id", "model", "finish_reason"],
+               "properties": {"video": {"type": "string", "contentEncoding": "base64"},
+                              "content_type": {"type": "string"}, "seed": {"type": "integer"},
+                              "task_id": {"type": "string"}, "model": {"type": "string"},
+                              "finish_reason": {"const": "SUCCESS"},
+                              "timings": {"type": "object", "additionalProperties": {"type": "number"}}}}
+
+_VIDEO = {"description": "The video (format=frames: a ZIP of PNG frames). With `Accept: application/json`, the same "
+                         "bytes base64-encoded in a JSON body.", "headers": {
     name: {"schema": {"type": "string"}, "description": text} for name, text in (
         ("X-Seed", "The seed used."), ("X-Model", "The model that made it."), ("X-Task-Id", "The task's id."),
-        ("Server-Timing", "queue, generate and encode durations in ms."))},
-    "content": {media: {"schema": {"type": "string", "contentMediaType": media}}
-                for media in ("video/mp4", "video/webm", "image/gif", "image/webp")}}
+        ("X-Cache", "POST /generate: `hit` when answered from an identical earlier request's video, else `miss`."),
+        ("Server-Timing", "queue, generate, postprocess and encode durations in ms."))},
+    "content": {**{media: {"schema": {"type": "string", "contentMediaType": media}}
+                   for media in ("video/mp4", "video/webm", "image/gif", "image/webp", "application/zip")},
+                JSON: {"schema": _VIDEO_JSON}}}
 
 
 def _task_path(operation_id: str, summary: str, responses: dict[str, Any], method: str = "get") -> dict[str, Any]:
@@ -148,7 +158,8 @@ def _task_schema() -> dict[str, Any]:
         "status": {"type": "string", "enum": ["queued", "started", "finished", "failed", "canceled"]},
         "mode": {"type": "string", "enum": ["sync", "async"]},
         "progress": {"type": "object", "properties": {
-            "phase": {"type": "string", "enum": ["waiting", "loading", "denoising", "decoding", "encoding", "done"]},
+            "phase": {"type": "string", "enum": ["waiting", "loading", "denoising", "decoding", "matching colour",
+                                                 "looping", "interpolating", "retiming", "encoding", "done"]},
             "step": {"type": "integer"}, "total": {"type": ["integer", "null"]}}},
         "queue_position": {"type": ["integer", "null"], "minimum": 1},
         "created_at": {"type": "string"}, "started_at": nullable_string, "finished_at": nullable_string,
@@ -156,4 +167,8 @@ def _task_schema() -> dict[str, Any]:
         "timings": {"type": "object", "additionalProperties": {"type": "number"}},
         "error": {"type": ["object", "null"], "properties": {"code": {"type": "string"},
                                                               "message": {"type": "string"}}},
-        "expired": {"type": "boolean"}, "status_url": {"type": "string"}, "result_url": nullable_string}}
+        "expired": {"type": "boolean"}, "status_url": {"type": "string"}, "result_url": nullable_string,
+        "result": {"type": ["object", "null"], "properties": {
+            "format": {"type": "string"}, "content_type": {"type": "string"}, "bytes": {"type": "integer"},
+            "frames": {"type": "integer"}}},
+        "cached": {"type": "boolean", "description": "Answered from an identical earlier request's video."}}}

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
 from errors import InvalidParameter, UnknownParameter
+from postprocess import output_frames
 
 MAX_SEED = 2**32 - 1
 
@@ -60,7 +61,9 @@ def _fmt(number: float | None) -> str:
 
 
 SIZINGS = ("crop", "fit", "source")
-FORMATS = ("mp4", "webm", "gif", "webp")
+FORMATS = ("mp4", "webm", "gif", "webp", "frames")
+LOOPS = ("none", "pingpong", "crossfade")
+GIF_MAX_FPS = 50  # GIF delays are hundredths of a second, and browsers slow down delays under 2 of them
 
 PARAMS = (
     Param("motion_bucket_id", int, 127, "Motion intensity: higher moves more.", 1, 255),
@@ -84,7 +87,15 @@ PARAMS = (
           "keeps the aspect inside width x height, sides rounded down to multiples of 64; `source` uses the "
           "image's own size rounded to 64.", choices=SIZINGS),
     Param("format", str, "mp4", "Output: `mp4` (H.264), `webm` (VP9), `gif` (one shared palette), `webp` "
-          "(animated).", choices=FORMATS),
+          "(animated), `frames` (a ZIP of lossless PNGs `frame_0000.png`, ...).", choices=FORMATS),
+    Param("loop", str, "none", "`pingpong` plays forward then back (2N-2 frames) so that repeating it loops "
+          "seamlessly; `crossfade` dissolves the last quarter of the frames into the first frame (N frames).",
+          choices=LOOPS),
+    Param("output_fps", int, None, "Playback rate of the file. Above `fps`, in-between frames are made by "
+          "motion-compensated interpolation and the duration stays N / fps; below, frames are dropped evenly. "
+          f"GIF: at most {GIF_MAX_FPS}.", 1, 60, default_text="`fps`"),
+    Param("segments", int, 1, "Longer videos: each segment continues from the last frame of the one before "
+          "(seed + 1 each), colour-matched to the first; N + (segments - 1) x (N - 1) frames.", 1, 4),
 )
 NAMES = tuple(p.name for p in PARAMS)
 
@@ -95,10 +106,12 @@ def capped(max_dimension: int, max_steps: int) -> tuple[Param, ...]:
     return tuple(replace(p, maximum=min(p.maximum, caps[p.name])) if p.name in caps else p for p in PARAMS)
 
 
-def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS) -> dict[str, Any]:
+def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS, *, max_output_frames: int = 600,
+                 default_frames: int = 25) -> dict[str, Any]:
     """Validate raw form/query values; returns every parameter, None where the model decides later.
 
-    The seed is drawn here when not given, so a client learns it before the task runs.
+    The seed is drawn here when not given, so a client learns it before the task runs. `default_frames` is the
+    `num_frames` assumed when the request leaves it to the model, to check `max_output_frames` now.
     """
     unknown = sorted(set(raw) - set(NAMES))
     if unknown:
@@ -114,17 +127,41 @@ def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS) -> 
                                    field=name)
         if values[name] is not None and values[other] is None:
             raise InvalidParameter(f"`{other}` is needed with `{name}`", field=other)
+    if values["format"] == "gif" and (values["output_fps"] or values["fps"]) > GIF_MAX_FPS:
+        raise InvalidParameter(f"`output_fps` must be at most {GIF_MAX_FPS} with format=gif (GIF frame delays are "
+                               f"hundredths of a second), got {values['output_fps']}", field="output_fps")
+    check_output_frames(values, values["num_frames"] or default_frames, max_output_frames)
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
     return values
 
 
+def output_frame_count(values: Mapping[str, Any], num_frames: int) -> int:
+    """Frames in the file: after segments, loop and the change of frame rate."""
+    return output_frames(num_frames, values["segments"], values["loop"], values["fps"],
+                         values["output_fps"] or values["fps"])
+
+
+def check_output_frames(values: Mapping[str, Any], num_frames: int, limit: int) -> None:
+    """422 naming the parameters that make the video longer than MAX_OUTPUT_FRAMES."""
+    count = output_frame_count(values, num_frames)
+    if count <= limit:
+        return
+    named = [name for name, default in (("num_frames", None), ("segments", 1), ("loop", "none"), ("output_fps", None))
+             if values[name] != default and not (name == "output_fps" and values[name] == values["fps"])]
+    named = named or ["num_frames"]
+    raise InvalidParameter(f"{', '.join(f'`{n}`' for n in named)} would make {count} frames; this server's "
+                           f"MAX_OUTPUT_FRAMES is {limit}", field=named[-1])
+
+
 def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, int]) -> dict[str, Any]:
     """Fill what the model decides (`num_frames`, `num_inference_steps`, `width`, `height`)."""
-    resolved = dict(values)
+    resolved = {**{p.name: p.default for p in PARAMS}, **values}  # a record from before a parameter existed
     for name in ("num_frames", "num_inference_steps", "width", "height"):
         if resolved[name] is None:
             resolved[name] = model_defaults[name]
+    if resolved.get("output_fps") is None:
+        resolved["output_fps"] = resolved["fps"]
     return resolved
 
 

@@ -6,6 +6,7 @@ each with its TTL. Keys:
     vd:task:<id>     the task record (JSON), kept RESULT_TTL + a week so expired results answer 410
     vd:input:<id>    the normalised input image (PNG) until the task ends
     vd:result:<id>   the video, for RESULT_TTL
+    vd:cache:<key>   result cache: the id of the task whose video answers a repeat of its request, until it expires
     vd:cancel:<id>   set by DELETE /tasks/<id>; the worker stops at its next step
     vd:worker:<name> a live worker's heartbeat (JSON, with the task it runs), expiring after WORKER_TTL
     vd:queued        ids of queued tasks, checked against RQ's queue so none stays queued once its job is gone
@@ -40,8 +41,8 @@ from rq import Queue
 from backend import Health, Places, Supervisor, derive_status
 from config import Settings
 from errors import BackendUnavailable, ServiceError
-from tasks import (TOMBSTONE_SECONDS, CorruptRecord, ModelState, Task, TaskStatus, admit, execute, failure, progress_recorder,
-                   queue_timed_out, result_expired, sources)
+from tasks import (TOMBSTONE_SECONDS, CorruptRecord, ModelState, Task, TaskStatus, admit, cacheable, execute,
+                   failure, progress_recorder, queue_timed_out, result_expired, result_expires_at, reuse, sources)
 
 log = logging.getLogger(__name__)
 
@@ -259,6 +260,8 @@ class RedisBackend:
         if not self._places.holding():
             with self.admission(task.mode):
                 return self.submit(task, image)
+        if task.cache_key and (hit := self._answer_from_cache(task)) is not None:
+            return hit
         png = io.BytesIO()
         image.save(png, format="PNG", compress_level=1)
         with self.redis.pipeline() as pipe:  # MULTI: the record, its input and its job exist together or not at all
@@ -275,6 +278,18 @@ class RedisBackend:
                 self._places.release()  # RQ's queue counts it now
         self.telemetry.task_created(task)
         return task
+
+    def _answer_from_cache(self, task: Task) -> Task | None:
+        original = self.redis.get(_key("cache", task.cache_key))
+        hit = reuse(self.get(original.decode()) if original else None, task, self.settings.result_ttl)
+        if hit is None:
+            return None
+        with self._lock:
+            self.redis.set(_key("task", hit.task_id), hit.to_json(),
+                           ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
+            self._places.release()
+        self.telemetry.task_created(hit)
+        return hit
 
     @_unavailable_on_redis_errors
     def get(self, task_id: str) -> Task | None:
@@ -301,7 +316,7 @@ class RedisBackend:
 
     @_unavailable_on_redis_errors
     def result(self, task: Task) -> BinaryIO | None:
-        data = None if task.expired else self.redis.get(_key("result", task.task_id))
+        data = None if task.expired else self.redis.get(_key("result", task.cached_from or task.task_id))
         return None if data is None else io.BytesIO(data)
 
     @_unavailable_on_redis_errors
@@ -446,9 +461,20 @@ class WorkerRuntime:
             status, error, video = self._execute(task)
             if self._end_retrying(task, status, error, video):
                 self.telemetry.task_ended(task)
+                self._remember(task)
         finally:
             self.current = None
             self._beat_quietly()
+
+    def _remember(self, task: Task) -> None:
+        """Index a finished task's video for repeats of its request, for as long as the video is kept."""
+        if not cacheable(task):
+            return
+        try:
+            self.redis.set(_key("cache", task.cache_key), task.task_id,
+                           exat=int(result_expires_at(task, self.settings.result_ttl)))
+        except REDIS_ERRORS as exc:  # repeats will generate again: slower, never wrong
+            log.warning("task %s: not indexed for repeats, Redis unreachable (%s)", task.task_id, exc)
 
     def _end_unstarted(self, task: Task, status: TaskStatus, error: dict) -> None:
         if self.store.end(task, status, error):

@@ -24,7 +24,8 @@ from config import Settings, load_settings
 from images import decode_image, open_image, target_size
 from openapi import build_document
 from params import capped, parse_params, schema
-from tasks import Task, TaskStatus, is_task_id, new_task_id
+from pipeline import describe_model
+from tasks import Task, TaskStatus, cache_key, is_task_id, new_task_id
 from telemetry import Telemetry, configure_logging
 from views import event_stream, status_response, video_response
 
@@ -47,6 +48,12 @@ class Service:
         self.backend = backend
         self.telemetry = telemetry
         self.params = capped(settings.max_dimension, settings.max_steps)
+        # The num_frames a request that leaves it to the model is checked with against MAX_OUTPUT_FRAMES: the
+        # configured model's, or the largest any model has (25) when that is not known here.
+        self.default_frames = settings.video_frames or (
+            describe_model(settings, gpu=False).defaults["num_frames"] if settings.svd_model else 25)
+        # What "the same model" means for the result cache.
+        self.model_key = f"{settings.svd_model or 'default'}|{settings.svd_dtype}|{settings.svd_device}"
         self.decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
         self.streams = threading.BoundedSemaphore(settings.max_event_streams)
 
@@ -103,16 +110,25 @@ def generate():
     service = _service()
     mode = _requested_mode(service.settings.generate_mode)
     with service.backend.admission(mode):  # auth, draining and queue room before the body is read or decoded
-        params = parse_params(_raw_params(), service.params)
+        raw = _raw_params()
+        params = parse_params(raw, service.params, max_output_frames=service.settings.max_output_frames,
+                              default_frames=service.default_frames)
         image = open_image(_read_image_bytes(), service.settings.max_image_pixels)  # the header alone
         if params["sizing"] == "source":
             target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
         with service.decodes, service.telemetry.decode.time():
             image = decode_image(image, service.settings.max_dimension)
-        task = service.backend.submit(Task(task_id=new_task_id(), mode=mode, params=params), image)
+        task = Task(task_id=new_task_id(), mode=mode, params=params)
+        if service.settings.result_cache and raw.get("seed", "").strip():  # a drawn seed is never repeated
+            task.cache_key = cache_key(image, params, service.model_key)
+        task = service.backend.submit(task, image)
+    service.telemetry.cache_lookup(task)
+    cache = {"X-Cache": "hit" if task.cached_from else "miss"}
     if mode == "async":
-        return status_response(task, 202, Location=url_for("api.status", task_id=task.task_id))
-    return video_response(_wait_for(task.task_id))
+        return status_response(task, 202, Location=url_for("api.status", task_id=task.task_id), **cache)
+    response = video_response(_wait_for(task.task_id))
+    response.headers.update(cache)
+    return response
 
 
 @api.get("/status/<path:task_id>")

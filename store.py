@@ -126,7 +126,8 @@ class TaskStore:
             return image.convert("RGB")
 
     def result_path(self, task: Task) -> Path:
-        return self._dir(task.task_id) / f"video.{FORMATS[task.params['format']].extension}"
+        """Where the task's video is: its own folder, or for a result-cache hit the folder of the task it reuses."""
+        return self._dir(task.cached_from or task.task_id) / f"video.{FORMATS[task.params['format']].extension}"
 
     def open_result(self, task: Task) -> BinaryIO | None:
         try:

@@ -6,6 +6,7 @@ transport, they do not decide.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,8 @@ from PIL import Image
 from encoders import FORMATS, encode_video
 from errors import GenerationTimeout, ModelNotReady, QueueFull, ServiceError, ShuttingDown, TaskCanceled
 from images import fit_image
-from params import resolve_defaults
+from params import MAX_SEED, resolve_defaults
+from postprocess import colour_stats, make_loop, match_colours, retime
 
 log = logging.getLogger(__name__)
 
@@ -108,15 +110,19 @@ class Task:
     created_at: float = field(default_factory=time.time)
     started_at: float | None = None
     finished_at: float | None = None
-    phase: str = "waiting"  # waiting, loading, denoising, decoding, encoding, done
+    # waiting, loading, denoising, decoding, matching colour, looping, interpolating or retiming, encoding, done
+    phase: str = "waiting"
     step: int = 0
     total_steps: int | None = None
     model: str | None = None
     error: dict[str, str] | None = None  # {"code", "message"} when failed or canceled
     result: dict[str, Any] | None = None  # format, content_type, filename, bytes, frames
-    timings: dict[str, float] = field(default_factory=dict)  # seconds: queue_wait, generation, encoding
+    # seconds: queue_wait, generation, postprocessing, encoding
+    timings: dict[str, float] = field(default_factory=dict)
     worker: str | None = None  # who runs it: an RQ worker's unique name (Redis mode)
     expired: bool = False  # the video was deleted after RESULT_TTL
+    cache_key: str | None = None  # set when the request named its seed: what an identical request would have
+    cached_from: str | None = None  # a result-cache hit: the task whose video this one answers with
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
@@ -177,6 +183,8 @@ def queue_timed_out(task: Task, queue_timeout: int, now: float | None = None) ->
 
 
 def result_expires_at(task: Task, result_ttl: int) -> float | None:
+    if task.result and task.result.get("expires_at") is not None:  # a cache hit lives as long as the video
+        return task.result["expires_at"]
     return None if task.finished_at is None else task.finished_at + result_ttl
 
 
@@ -190,6 +198,44 @@ def record_expires_at(task: Task, result_ttl: int) -> float | None:
     """When an ended task's record may go: a grace period after its result, as Redis tombstones do."""
     expires = result_expires_at(task, result_ttl)
     return None if expires is None else expires + TOMBSTONE_SECONDS
+
+
+# --- the result cache ------------------------------------------------------------------------------
+
+CACHE_MIN_LIFE = 5.0  # seconds a cached video must still be kept to answer a repeat (time to download it)
+
+
+def cache_key(image: Image.Image, params: dict[str, Any], model: str) -> str:
+    """What makes two requests the same: the decoded input pixels, the parameters as given, the model."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"model": model, "mode": image.mode, "size": image.size, "params": params},
+                             sort_keys=True).encode())
+    digest.update(image.tobytes())
+    return digest.hexdigest()
+
+
+def cacheable(task: Task) -> bool:
+    """A finished task that made its own video for a request naming its seed: repeats may reuse it."""
+    return task.status is TaskStatus.FINISHED and bool(task.cache_key) and task.cached_from is None
+
+
+def reuse(original: Task | None, request: Task, result_ttl: int, now: float | None = None) -> Task | None:
+    """`request` answered from `original`'s video, finished at once; None when it cannot be (gone, failed,
+    expired or about to, or not the same request). The answer never outlives the video it points at."""
+    now = now or time.time()
+    if original is None or not cacheable(original) or original.cache_key != request.cache_key \
+            or original.result is None or original.expired:
+        return None
+    expires = result_expires_at(original, result_ttl)
+    if expires is None or expires - now < CACHE_MIN_LIFE:
+        return None
+    extension = FORMATS[original.result["format"]].extension
+    return Task(task_id=request.task_id, mode=request.mode, params=dict(original.params),
+                status=TaskStatus.FINISHED, created_at=now, started_at=now, finished_at=now, phase="done",
+                step=original.step, total_steps=original.total_steps, model=original.model,
+                result={**original.result, "filename": f"{request.task_id}.{extension}", "expires_at": expires},
+                timings={"queue_wait": 0.0, "generation": 0.0, "postprocessing": 0.0, "encoding": 0.0},
+                cache_key=request.cache_key, cached_from=original.task_id)
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:
@@ -216,20 +262,57 @@ def write_atomic(path: Path, write: Callable[[str], None]) -> None:
 
 def run_task(generator, task: Task, image: Image.Image, out_path: Path,
              progress: Callable[[str, int, int], None]) -> None:
-    """Generate and encode `task`'s video into `out_path`, filling its resolved params, result and timings."""
+    """Generate and encode `task`'s video into `out_path`, filling its resolved params, result and timings.
+
+    Segments run one after the other, each conditioned on the last frame of the one before; then the loop, the
+    change of frame rate and the encoding. Progress counts denoising steps across all segments.
+    """
     params = resolve_defaults(task.params, generator.model.defaults)
     sized = fit_image(image, params["width"], params["height"], params["sizing"])
     params["width"], params["height"] = sized.size
     task.params, task.model = params, generator.model.label
     started = time.perf_counter()
-    frames = generator.generate(sized, params, progress)
+    frames = generate_segments(generator, sized, params, progress)
     generated = time.perf_counter()
-    progress("encoding", params["num_inference_steps"], params["num_inference_steps"])
+    steps = params["segments"] * params["num_inference_steps"]
+    if params["loop"] != "none":
+        progress("looping", steps, steps)
+        frames = make_loop(frames, params["loop"])
+    if params["output_fps"] != params["fps"]:
+        progress("interpolating" if params["output_fps"] > params["fps"] else "retiming", steps, steps)
+        frames = retime(frames, params["fps"], params["output_fps"], looped=params["loop"] != "none")
+    processed = time.perf_counter()
+    progress("encoding", steps, steps)
     fmt = FORMATS[params["format"]]
-    write_atomic(out_path, lambda tmp: encode_video(frames, params["fps"], fmt.name, tmp))
-    task.timings.update(generation=generated - started, encoding=time.perf_counter() - generated)
+    write_atomic(out_path, lambda tmp: encode_video(frames, params["output_fps"], fmt.name, tmp))
+    task.timings.update(generation=generated - started, postprocessing=processed - generated,
+                        encoding=time.perf_counter() - processed)
     task.result = {"format": fmt.name, "content_type": fmt.content_type, "bytes": out_path.stat().st_size,
                    "filename": f"{task.task_id}.{fmt.extension}", "frames": len(frames)}
+
+
+def generate_segments(generator, image: Image.Image, params: dict[str, Any],
+                      progress: Callable[[str, int, int], None]):
+    """`segments` pipeline calls chained on their last frames (seed + k for segment k), each later one without
+    its first frame and colour-matched to the first: N + (segments - 1) x (N - 1) frames."""
+    import numpy as np
+
+    steps, count = params["num_inference_steps"], params["segments"]
+    clips, reference, condition = [], None, image
+    for k in range(count):
+        def segment_progress(phase: str, step: int, total: int, done: int = k * steps) -> None:
+            progress(phase, done + step, count * steps)
+
+        frames = generator.generate(condition, {**params, "seed": (params["seed"] + k) % (MAX_SEED + 1)},
+                                    segment_progress)
+        if k == 0:
+            reference = colour_stats(frames)
+        else:
+            progress("matching colour", (k + 1) * steps, count * steps)
+            frames = match_colours(frames, reference)[1:]
+        clips.append(frames)
+        condition = Image.fromarray(frames[-1])
+    return clips[0] if count == 1 else np.concatenate(clips)
 
 
 def execute(generator, task: Task, load_image: Callable[[], Image.Image], out_path: Path,

@@ -35,6 +35,9 @@ class Telemetry:
                                   buckets=_SECONDS_BUCKETS, registry=r)
         self.decode = Histogram(f"{PREFIX}_image_decode_seconds", "Time decoding an upload (after admission).",
                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
+        self.result_cache = Counter(f"{PREFIX}_result_cache", "Submissions naming a seed, by whether an earlier "
+                                    "video answered them (hit) or they were generated (miss).", ["outcome"],
+                                    registry=r)
         self.http = Counter(f"{PREFIX}_http_requests", "HTTP requests, by method, route and status.",
                             ["method", "route", "status"], registry=r)
 
@@ -45,6 +48,13 @@ class Telemetry:
     def task_created(self, task: Task) -> None:
         self.created.labels(task.mode).inc()
         log.info("task %s queued (%s)", task.task_id, task.mode, extra={"task_id": task.task_id})
+
+    def cache_lookup(self, task: Task) -> None:
+        if task.cache_key:
+            self.result_cache.labels("hit" if task.cached_from else "miss").inc()
+        if task.cached_from:
+            log.info("task %s answered with the video of task %s (result cache)", task.task_id, task.cached_from,
+                     extra={"task_id": task.task_id})
 
     def task_started(self, task: Task) -> None:
         wait = task.timings.get("queue_wait", 0.0)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import time
 from datetime import datetime, timezone
 
-from flask import Response, current_app, jsonify, send_file, stream_with_context, url_for
+from flask import Response, current_app, jsonify, request, send_file, stream_with_context, url_for
 
 import errors
 from tasks import Task, TaskStatus
@@ -36,6 +37,9 @@ def status_body(task: Task) -> dict:
         "finished_at": _iso(task.finished_at),
         "seed": task.params["seed"], "params": task.params, "model": task.model, "timings": task.timings,
         "error": task.error, "expired": task.expired,
+        "result": {k: task.result[k] for k in ("format", "content_type", "bytes", "frames")}
+        if task.result and task.status is TaskStatus.FINISHED else None,
+        "cached": task.cached_from is not None,
         "status_url": url_for("api.status", task_id=task.task_id),
         "result_url": url_for("api.results", task_id=task.task_id)
         if task.status is TaskStatus.FINISHED and not task.expired else None,
@@ -51,7 +55,10 @@ def status_response(task: Task, status_code: int, **headers: str):
 
 
 def video_response(task: Task):
-    """The finished task's video with its seed, model and timings; the task's own error otherwise."""
+    """The finished task's video with its seed, model and timings; the task's own error otherwise.
+
+    With `Accept: application/json` (preferred over the video's type), the same video as base64 in a JSON body.
+    """
     if task.status is not TaskStatus.FINISHED:
         raise errors.from_code(task.error["code"], task.error["message"])
     video = _service().backend.result(task)
@@ -60,17 +67,52 @@ def video_response(task: Task):
                                    "was made")
     size = video.seek(0, io.SEEK_END)
     video.seek(0)
-    response = send_file(video, mimetype=task.result["content_type"], as_attachment=True,
-                         download_name=task.result["filename"], max_age=0)
-    response.content_length = size
+    content_type = task.result["content_type"]
+    if _wants_json(content_type):
+        response = _json_video(task, video, size)
+    else:
+        response = send_file(video, mimetype=content_type, as_attachment=True,
+                             download_name=task.result["filename"], max_age=0)
+        response.content_length = size
+    response.vary.add("Accept")
     timings = task.timings
     response.headers.update({
         "X-Task-Id": task.task_id,
         "X-Seed": str(task.params["seed"]),
         "X-Model": task.model,
         "Server-Timing": ", ".join(f"{name};dur={timings.get(key, 0) * 1000:.1f}" for name, key in
-                                   (("queue", "queue_wait"), ("generate", "generation"), ("encode", "encoding"))),
+                                   (("queue", "queue_wait"), ("generate", "generation"),
+                                    ("postprocess", "postprocessing"), ("encode", "encoding"))),
     })
+    return response
+
+
+def _wants_json(content_type: str) -> bool:
+    """`Accept` names application/json itself, at least as high as the video's type (`*/*` alone: the video)."""
+    accept = request.accept_mimetypes
+    quality = max((q for value, q in accept if value.lower() == "application/json"), default=0)
+    return quality > 0 and quality >= accept[content_type]
+
+
+B64_CHUNK = 3 * 64 * 1024  # bytes of video per base64 piece: a multiple of 3, so the pieces join into one string
+
+
+def _json_video(task: Task, video, size: int) -> Response:
+    """`{"video": <base64>, "content_type", "seed", "task_id", "model", "finish_reason", "timings"}` (the shape
+    of Stability's hosted API), streamed: the video is never held in memory twice."""
+    rest = {"content_type": task.result["content_type"], "seed": task.params["seed"], "task_id": task.task_id,
+            "model": task.model, "finish_reason": "SUCCESS", "timings": task.timings}
+    head, tail = b'{"video": "', b'", ' + json.dumps(rest).encode()[1:]
+
+    def body():
+        with video:
+            yield head
+            while piece := video.read(B64_CHUNK):
+                yield base64.b64encode(piece)
+            yield tail
+
+    response = Response(body(), mimetype="application/json")
+    response.content_length = len(head) + 4 * ((size + 2) // 3) + len(tail)
     return response
 
 

@@ -5,8 +5,13 @@
 const $ = (selector) => document.querySelector(selector);
 const RECENT_KEY = "video-diffusion.recent";
 const KEY_KEY = "video-diffusion.api-key";
+const ADVANCED_KEY = "video-diffusion.advanced-open";
 const PHASE_TEXT = { waiting: "Waiting", loading: "Loading the image", denoising: "Denoising",
-                     decoding: "Decoding frames", encoding: "Encoding the video", done: "Done" };
+                     decoding: "Decoding frames", "matching colour": "Matching the segments' colours",
+                     looping: "Making the loop", interpolating: "Interpolating frames", retiming: "Dropping frames",
+                     encoding: "Encoding the video", done: "Done" };
+// Shown up front; every other parameter goes under Advanced.
+const BASIC = ["motion_bucket_id", "num_frames", "fps", "seed", "format"];
 let current = null;  // {taskId, controller} of the task being followed
 
 function apiKey() { return sessionStorage.getItem(KEY_KEY) || ""; }
@@ -54,9 +59,13 @@ $("#key-form").addEventListener("submit", async (event) => {
 // --- controls, from the parameter schema ----------------------------------------------------------------
 
 function buildControls(params) {
-  const box = $("#controls");
-  box.replaceChildren();
+  $("#controls").replaceChildren();
+  $("#advanced-controls").replaceChildren();
+  const advanced = $("#advanced");
+  advanced.open = localStorage.getItem(ADVANCED_KEY) === "open";
+  advanced.addEventListener("toggle", () => localStorage.setItem(ADVANCED_KEY, advanced.open ? "open" : "closed"));
   for (const param of params) {
+    const box = BASIC.includes(param.name) ? $("#controls") : $("#advanced-controls");
     const field = document.createElement("div");
     field.className = "field";
     const id = `param-${param.name}`;
@@ -131,6 +140,7 @@ function clearErrors() {
 
 function showError(error) {
   const slot = error.field && document.querySelector(`[data-error-for="${error.field}"]`);
+  if (slot && $("#advanced").contains(slot)) $("#advanced").open = true;
   (slot || $("#form-error")).textContent = error.message;
   const input = error.field && document.querySelector(`[name="${error.field}"]`);
   if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
@@ -141,7 +151,7 @@ $("#generate-form").addEventListener("submit", async (event) => {
   clearErrors();
   const form = new FormData();
   if ($("#image").files.length) form.append("image", $("#image").files[0]);
-  for (const input of $("#controls").querySelectorAll("input, select")) {
+  for (const input of $("#generate-form").querySelectorAll("#controls input, #controls select, #advanced-controls input, #advanced-controls select")) {
     if (input.value.trim() !== "") form.append(input.name, input.value.trim());
   }
   $("#generate").disabled = true;
@@ -223,7 +233,7 @@ function update(mine, task) {
     text.textContent = task.queue_position ? `Queued: position ${task.queue_position}` : "Queued";
   } else if (task.status === "started") {
     const fraction = p.total ? p.step / p.total : 0;
-    bar.value = { loading: 4, denoising: 5 + 85 * fraction, decoding: 92, encoding: 97 }[p.phase] ?? bar.value;
+    bar.value = { loading: 4, denoising: 5 + 85 * fraction, decoding: 5 + 85 * fraction, encoding: 97 }[p.phase] ?? 94;
     text.textContent = p.phase === "denoising" ? `Denoising: step ${p.step} of ${p.total}` : `${PHASE_TEXT[p.phase] || p.phase}…`;
   } else {
     bar.value = task.status === "finished" ? 100 : bar.value;
@@ -242,15 +252,20 @@ async function showResult(task) {
   const blob = await response.blob();
   const url = URL.createObjectURL(blob);
   const format = task.params.format;
-  const media = ["mp4", "webm"].includes(format)
-    ? Object.assign(document.createElement("video"), { src: url, controls: true, loop: true, autoplay: true, muted: true, playsInline: true })
-    : Object.assign(document.createElement("img"), { src: url, alt: "The generated animation" });
-  if (media.tagName === "VIDEO") media.setAttribute("aria-label", "The generated video");
+  let media;
+  if (["mp4", "webm"].includes(format)) {
+    media = Object.assign(document.createElement("video"), { src: url, controls: true, loop: true, autoplay: true, muted: true, playsInline: true });
+    media.setAttribute("aria-label", "The generated video");
+  } else if (format === "frames") {
+    media = Object.assign(document.createElement("p"), { textContent: `A ZIP of ${task.result ? task.result.frames : ""} PNG frames: download it below.` });
+  } else {
+    media = Object.assign(document.createElement("img"), { src: url, alt: "The generated animation" });
+  }
   $("#result-media").replaceChildren(media);
   const t = task.timings;
   $("#result-info").textContent = `Seed ${task.seed} · ${task.params.width}×${task.params.height}, ${task.params.num_frames} frames at ${task.params.fps} fps · ` +
     `waited ${t.queue_wait.toFixed(1)} s, generated in ${t.generation.toFixed(1)} s, encoded in ${t.encoding.toFixed(2)} s · ${(blob.size / 1024).toFixed(0)} KB`;
-  Object.assign($("#download"), { href: url, download: `${task.task_id}.${format}` });
+  Object.assign($("#download"), { href: url, download: `${task.task_id}.${format === "frames" ? "zip" : format}` });
   $("#result-card").hidden = false;
 }
 

@@ -54,7 +54,7 @@ def test_submit_watch_progress_and_download(client):
     assert final["progress"] == {"phase": "done", "step": 12, "total": 12}
     assert final["params"]["width"] == 64 and final["model"].startswith(str(final["model"]).split(" ")[0])
     assert final["started_at"] <= final["finished_at"] and set(final["timings"]) == {"queue_wait", "generation",
-                                                                                     "encoding"}
+                                                                                     "postprocessing", "encoding"}
     video = client.get(final["result_url"])
     assert video.status_code == 200 and video.headers["X-Seed"] == "11"
     frames, _ = decode_video(video.data, "mp4")

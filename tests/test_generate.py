@@ -55,7 +55,7 @@ def test_headers_name_the_model_seed_task_and_timings(client):
     assert "random weights" in response.headers["X-Model"]
     assert len(response.headers["X-Task-Id"]) == 32
     timing = response.headers["Server-Timing"]
-    assert [part.split(";")[0] for part in timing.split(", ")] == ["queue", "generate", "encode"]
+    assert [part.split(";")[0] for part in timing.split(", ")] == ["queue", "generate", "postprocess", "encode"]
     assert float(timing.split("generate;dur=")[1].split(",")[0]) > 0
 
 

@@ -53,12 +53,20 @@ def picture(tmp_path) -> Path:
 
 def fill(page, **values):
     for name, value in values.items():
+        if not page.locator(f"#param-{name}").is_visible():
+            page.click("#advanced summary")
         page.fill(f"#param-{name}", str(value))
 
 
 def test_generate_watch_progress_play_and_download(page, picture):
     expect(page.locator("#noise-banner")).to_be_visible()
-    for name in ("motion_bucket_id", "fps", "num_frames", "seed", "width", "height", "sizing", "format"):
+    for name in ("motion_bucket_id", "fps", "num_frames", "seed", "format"):
+        expect(page.get_by_label(name.replace("_", " "), exact=True)).to_be_visible()
+    advanced = ("width", "height", "sizing", "loop", "output_fps", "segments")
+    for name in advanced:  # under Advanced, closed until opened
+        expect(page.get_by_label(name.replace("_", " "), exact=True)).to_be_hidden()
+    page.click("#advanced summary")
+    for name in advanced:
         expect(page.get_by_label(name.replace("_", " "), exact=True)).to_be_visible()
     page.set_input_files("#image", str(picture))
     expect(page.locator("#preview")).to_be_visible()
@@ -101,6 +109,31 @@ def test_an_out_of_range_value_shows_the_apis_message_by_its_field(page, picture
     error = page.locator('[data-error-for="fps"]')
     expect(error).to_have_text("`fps` must be 1 to 30, got '99'")
     expect(page.locator("#param-fps")).to_have_attribute("aria-invalid", "true")
+
+
+def test_advanced_remembers_its_state_and_opens_on_its_own_errors(page, picture):
+    page.click("#advanced summary")
+    page.reload()
+    expect(page.locator("#param-segments")).to_be_visible()  # still open after a reload
+    page.click("#advanced summary")
+    page.reload()
+    expect(page.locator("#param-segments")).to_be_hidden()
+    page.set_input_files("#image", str(picture))
+    page.select_option("#param-format", "gif")
+    page.evaluate("document.querySelector('#param-output_fps').value = '60'")  # typed while Advanced was open
+    page.click("#generate")
+    expect(page.locator('[data-error-for="output_fps"]')).to_contain_text("at most 50 with format=gif")
+    expect(page.locator("#param-output_fps")).to_be_visible()  # Advanced opened to show it
+
+
+def test_a_frames_zip_result_offers_its_download(page, picture):
+    page.set_input_files("#image", str(picture))
+    page.select_option("#param-format", "frames")
+    fill(page, num_frames=14, width=64, height=64, num_inference_steps=2)
+    page.select_option("#param-loop", "pingpong")
+    page.click("#generate")
+    expect(page.locator("#result-media")).to_contain_text("A ZIP of 26 PNG frames", timeout=60000)
+    assert page.get_attribute("#download", "download").endswith(".zip")
 
 
 def test_the_dice_button_draws_a_seed(page):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 
 import pytest
 import requests
@@ -184,3 +187,29 @@ def test_redis_down_answers_503_fast_and_everything_recovers(own_api, redis_serv
     assert api.get("/health").status_code == 200  # the worker is back without a restart
     final = poll(api, submit(api, **SMALL).json["task_id"], ended, timeout=60)
     assert final["status"] == "finished"
+
+
+def test_post_steps_json_and_the_result_cache_through_a_worker(api, shared, tmp_path):
+    """Segments, loop and output_fps run on the worker; the JSON answer and the result cache work through Redis,
+    and a hit goes when the video it points at goes."""
+    params = dict(SMALL, seed=71, segments=2, loop="pingpong", output_fps=12, format="frames")
+    first = api.post("/generate", data=upload(image_bytes(), **params))
+    assert first.status_code == 200 and first.headers["X-Cache"] == "miss"
+    assert len(zipfile.ZipFile(io.BytesIO(first.data)).namelist()) == 2 * (2 * (2 * 14 - 1) - 2)
+    completed = _completed(shared[1])
+    hit = api.post("/generate", data=upload(image_bytes(), **params), headers={"Accept": "application/json"})
+    assert hit.status_code == 200 and hit.headers["X-Cache"] == "hit"
+    assert base64.b64decode(hit.json["video"]) == first.data and hit.json["finish_reason"] == "SUCCESS"
+    assert _completed(shared[1]) == completed  # the worker made nothing
+    assert api.post("/generate", data=upload(image_bytes(), **{**params, "seed": 72})).headers["X-Cache"] == "miss"
+
+    app, short = make_api(tmp_path, shared[0].url, RESULT_TTL="7")  # an API whose videos live 7 s
+    try:
+        made = short.post("/generate", data=upload(image_bytes(), **dict(SMALL, seed=73)))
+        repeat = short.post("/generate", data=upload(image_bytes(), **dict(SMALL, seed=73)))
+        assert repeat.headers["X-Cache"] == "hit" and repeat.data == made.data
+        time.sleep(7.2)
+        assert short.get(f"/results/{repeat.headers['X-Task-Id']}").status_code == 410
+        assert short.post("/generate", data=upload(image_bytes(), **dict(SMALL, seed=73))).headers["X-Cache"] == "miss"
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
