@@ -42,7 +42,7 @@ test: $(VENV)/.test-installed system-deps
 # Runs the benchmarks in bench/ on this machine and rewrites their sections of BENCHMARKS.md
 # (BENCH_MODEL=svd-xt on a GPU machine).
 bench: $(VENV)/.test-installed
-	$(PY) bench/run.py overhead.py encoding.py load.py gpu_stages.py hostile.py
+	$(PY) bench/run.py overhead.py encoding.py load.py gpu_stages.py hostile.py postprocess.py
 
 # The lifecycle state machines and SIGKILL crash runs at length (~20 min), into BENCHMARKS.md.
 soak: $(VENV)/.test-installed system-deps

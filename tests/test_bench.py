@@ -17,6 +17,7 @@ pytestmark = pytest.mark.slow
     ("overhead.py", [], ["HTTP / bare", "| bare |", "| http |"]),
     ("load.py", [], ["errors | 0 |", "first come, first served | yes", "/health latency"]),
     ("gpu_stages.py", ["--model", "tiny"], ["| default |", "SVD_OFFLOAD=model | skipped", "decode_chunk_size=4"]),
+    ("postprocess.py", [], ["interpolation 6 -> 24 fps", "| ping-pong |", "hit / first"]),
     ("hostile.py", [], ["/health p99 with slow connections", "| PNG 16-bit grey |", "| WebP ("]),
 ])
 def test_benchmark_runs(script, extra, needles):
