@@ -17,12 +17,15 @@ from typing import Any, BinaryIO, Callable, Iterator, Protocol
 
 from PIL import Image
 
+import idempotency
 from tasks import ModelState, Task
 
 log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
+    idempotency: idempotency.Store  # where Idempotency-Keys are kept (files or Redis)
+
     def start(self) -> None: ...
 
     def stop(self) -> None: ...

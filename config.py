@@ -40,6 +40,8 @@ RESULT_CACHE = True
 WORKER_TTL = 30
 WORKER_METRICS_PORT = 9101
 API_KEY = None
+WEBHOOK_ALLOW = None
+WEBHOOK_SECRET = None
 METRICS_PUBLIC = False
 CORS_ORIGINS = None
 TRUSTED_PROXIES = 0
@@ -88,6 +90,20 @@ def _int(low: int, high: int | None = None, optional: bool = False) -> Callable[
 
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
+
+
+def _allow_list(value: str) -> tuple[str, ...]:
+    from webhooks import parse_allow
+
+    entries = _list(value)
+    parse_allow(entries)  # ValueError names the entry
+    return entries
+
+
+def _webhook_secret(value: str) -> str:
+    from webhooks import parse_secret
+
+    return parse_secret(value)
 
 
 def _bool(value: str) -> bool:
@@ -174,6 +190,12 @@ VARIABLES = (
     Variable("API_KEY", _list,
              "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
              "`Authorization: Bearer <key>` or `X-API-Key: <key>`."),
+    Variable("WEBHOOK_ALLOW", _allow_list,
+             "Comma-separated hosts (`host`, `host:port`, `[v6]:port`) that `webhook` URLs may name; unset: "
+             "webhooks are refused. A name that resolves to a loopback, private or link-local address is called "
+             "only if that address is listed too."),
+    Variable("WEBHOOK_SECRET", _webhook_secret,
+             "`whsec_<base64 key>`: webhook deliveries are signed (Standard Webhooks); unset: unsigned."),
     Variable("METRICS_PUBLIC", _bool, "Serve `/metrics` without the API key."),
     Variable("CORS_ORIGINS", _list,
              "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none."),
@@ -195,8 +217,9 @@ class _SettingsBase:
         return None
 
 
-# One frozen field per variable, lower-cased (settings.max_queue); API_KEY never shows in a repr.
-Settings = make_dataclass("Settings", [(v.name.lower(), Any, field(repr=v.name != "API_KEY")) for v in VARIABLES],
+# One frozen field per variable, lower-cased (settings.max_queue); the secrets never show in a repr.
+SECRETS = ("API_KEY", "WEBHOOK_SECRET")
+Settings = make_dataclass("Settings", [(v.name.lower(), Any, field(repr=v.name not in SECRETS)) for v in VARIABLES],
                           bases=(_SettingsBase,), frozen=True)
 
 
@@ -220,7 +243,8 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
             values[var.name.lower()] = var.parse(raw.strip())
         except ValueError as exc:
             where = f" (set in {dotenv_path})" if var.name in from_dotenv else ""
-            raise ConfigError(f"{var.name}={raw!r}: {exc}{where}") from None
+            shown = "(hidden)" if var.name in SECRETS else repr(raw)
+            raise ConfigError(f"{var.name}={shown}: {exc}{where}") from None
     settings = Settings(**values)
     if (settings.video_width is None) != (settings.video_height is None):
         raise ConfigError("VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither")

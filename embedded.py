@@ -17,9 +17,11 @@ from typing import BinaryIO, Callable
 from backend import Health, Places, Supervisor, derive_status
 from config import Settings
 from errors import StorageFull
+from idempotency import FileStore
 from store import TaskStore
 from tasks import (ModelState, Task, TaskStatus, admit, cacheable, execute, failure, progress_recorder,
                    queue_timed_out, record_expires_at, result_expired, result_expires_at, reuse)
+from webhooks import Dispatcher, FileOutbox, delivery_for, parse_allow
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,7 @@ class EmbeddedBackend:
         # Tasks whose latest state is only in memory: queued, running, or ended with the record not yet on disk.
         self._live: dict[str, Task] = {}
         self._cancel_requested: set[str] = set()
+        self._save_failed: set[str] = set()  # ended tasks whose record could not be written: the janitor retries
         self._places = Places(self._cond)  # held by admitted requests still being read and decoded
         self._running: Task | None = None
         self._draining = False
@@ -51,10 +54,15 @@ class EmbeddedBackend:
 
     def start(self) -> None:
         self.store.lock()
+        self.outbox = FileOutbox(self.store.root / ".webhooks")
+        self.idempotency = FileStore(self.store.root / ".idempotency")
+        self.dispatcher = Dispatcher(self.outbox, parse_allow(self.settings.webhook_allow or ()),
+                                     self.settings.webhook_secret, self.telemetry)
         self._recover()
         self.supervisor.spawn("model", self._load_model, forever=False)
         self.supervisor.spawn("runner", self._run_loop, on_crash=self._runner_crashed)
         self.supervisor.spawn("janitor", self._janitor_loop)
+        self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking tasks, cancel the running one at its next step and wait for the loops to end."""
@@ -64,6 +72,7 @@ class EmbeddedBackend:
                 self._cancel_requested.add(self._running.task_id)
             self._cond.notify_all()
         self.supervisor.stop(timeout)
+        self.dispatcher.stop()
         self.store.unlock()
 
     def drain(self, timeout: float) -> None:
@@ -164,7 +173,18 @@ class EmbeddedBackend:
             self._places.release()
             self._schedule_expiry(hit)
         self.telemetry.task_created(hit)
+        try:
+            self._notify(hit)
+        except OSError:
+            log.exception("task %s: could not queue its webhook", hit.task_id)
         return hit
+
+    def _notify(self, task: Task) -> None:
+        """Queue the webhook delivery the task's new status calls for, if any (OSError when it cannot be kept)."""
+        delivery = delivery_for(task)
+        if delivery is not None:
+            self.outbox.add(delivery)
+            self.dispatcher.wake.set()
 
     def _remember(self, task: Task) -> None:
         """Index a finished task's video for repeats of its request (the caller holds the lock)."""
@@ -264,6 +284,7 @@ class EmbeddedBackend:
         try:
             self.store.save(task)
             self.telemetry.task_started(task)
+            self._notify(task)
             progress = progress_recorder(task, self.settings.job_timeout, self._record_progress,
                                          lambda: task.task_id in self._cancel_requested)
             status, error = execute(self.generator, task, lambda: self.store.load_image(task.task_id),
@@ -307,11 +328,15 @@ class EmbeddedBackend:
         """Write an ended task down; on a disk error keep it in memory (the janitor retries) rather than fail."""
         try:
             self.store.delete_input(task)
+            self._notify(task)  # before the record: a crash in between leaves a delivery, never a lost one
             self.store.save(task)
         except OSError:
             log.exception("task %s: could not save its record; keeping it in memory and retrying", task.task_id)
+            with self._cond:
+                self._save_failed.add(task.task_id)
             return
         with self._cond:
+            self._save_failed.discard(task.task_id)
             if self._live.get(task.task_id) is task:
                 del self._live[task.task_id]
             self._schedule_expiry(task)
@@ -331,7 +356,7 @@ class EmbeddedBackend:
         while not self.supervisor.stopping.is_set():
             with self._cond:
                 next_due = self._expiries[0][0] if self._expiries else time.time() + 60
-                unsaved = [t for t in self._live.values() if t.status.terminal]
+                unsaved = [self._live[t] for t in self._save_failed if t in self._live]
                 wait = min(max(0.05, next_due - time.time()), RETRY_SAVE_SECONDS if unsaved else 60.0)
                 self._cond.wait(wait)
                 if self.supervisor.stopping.is_set():

@@ -24,7 +24,8 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 PAGE_POLICY = ("default-src 'self'; img-src 'self' blob: data:; media-src 'self' blob: data:; connect-src 'self' blob:; "
                "object-src 'none'; "
                "frame-ancestors 'none'; base-uri 'self'; form-action 'self'")
-EXPOSED_HEADERS = "Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id"
+EXPOSED_HEADERS = ("Content-Disposition, Location, Retry-After, Server-Timing, X-Model, X-Request-Id, X-Seed, X-Task-Id, "
+                   "X-Cache, Idempotent-Replayed")
 
 
 def init_app(app: Flask) -> None:
@@ -54,13 +55,18 @@ def _authorize() -> None:
         return
     if request.endpoint == "api.metrics" and settings.metrics_public:
         return
-    header = request.headers.get("Authorization", "")
-    given = header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
+    given = presented_key()
     matched = False
     for key in settings.api_key:  # every key is compared, in constant time
         matched |= hmac.compare_digest(given.encode(), key.encode())
     if not matched:
         raise errors.Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+
+
+def presented_key() -> str:
+    """The API key the client sent (`Authorization: Bearer` or `X-API-Key`), "" without one."""
+    header = request.headers.get("Authorization", "")
+    return header[7:].strip() if header[:7].lower() == "bearer " else request.headers.get("X-API-Key", "")
 
 
 def _after_request(response):
@@ -96,7 +102,7 @@ def _add_cors_headers(response, origins) -> None:
     response.vary.add("Origin")
     if request.method == "OPTIONS":
         response.headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE, OPTIONS"
-        response.headers["Access-Control-Allow-Headers"] = "Authorization, X-API-Key, Content-Type, Prefer, X-Request-Id"
+        response.headers["Access-Control-Allow-Headers"] = "Authorization, X-API-Key, Content-Type, Prefer, X-Request-Id, Idempotency-Key"
         response.headers["Access-Control-Max-Age"] = "600"
 
 

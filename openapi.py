@@ -32,10 +32,12 @@ def _json(schema_name: str, description: str) -> dict[str, Any]:
 
 def _errors(*codes: int) -> dict[str, Any]:
     meanings = {400: "No image, or one that does not decode.", 401: "Missing or wrong API key (when API_KEY is set).",
-                404: "No task with this id (unknown and malformed ids alike).", 409: "The task did not finish.",
+                404: "No task with this id (unknown and malformed ids alike).", 409: "The task did not finish, or (POST "
+                "/generate) the Idempotency-Key's first request is still being submitted (Retry-After).",
                 410: "The video was deleted after RESULT_TTL.", 413: "Body over MAX_UPLOAD_MB, or image over "
                 "MAX_IMAGE_PIXELS.", 415: "Not a PNG, JPEG or WebP image.", 422: "A parameter is unknown, of the "
-                "wrong type or out of range.", 500: "Generation failed.", 503: "Model not ready, line full, "
+                "wrong type or out of range; a webhook outside WEBHOOK_ALLOW; an Idempotency-Key reused for "
+                "another request.", 500: "Generation failed.", 503: "Model not ready, line full, "
                 "shutting down, or Redis unreachable (Retry-After).", 504: "The generation or the synchronous wait "
                 "ran out of time.", 507: "The GPU ran out of memory for this request, or the upload could not be stored."}
     return {str(code): _json("Error", meanings[code]) for code in codes}
@@ -74,9 +76,18 @@ _TASK_LINKS = {name: {"operationId": operation, "parameters": {"task_id": "$resp
 def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
     """The document, with the parameter ranges this deployment accepts (MAX_DIMENSION, MAX_STEPS)."""
     fields = {p.name: _param_schema(p) for p in params}
+    fields.update(
+        webhook={"type": "string", "format": "uri", "description": "An http(s) URL on a host WEBHOOK_ALLOW lists: "
+                 "POSTed the task's status JSON when it ends, signed per Standard Webhooks (README)."},
+        webhook_events={"type": "string", "enum": ["started", "ended", "started,ended"],
+                        "description": "`started` also calls `webhook` when the task starts."})
     image = {"type": "string", "contentMediaType": "application/octet-stream",
              "description": "PNG, JPEG or WebP, recognised by its bytes."}
     query = [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in fields.items()]
+    idempotency_key = {"name": "Idempotency-Key", "in": "header", "required": False,
+                       "schema": {"type": "string", "minLength": 1, "maxLength": 255},
+                       "description": "The same key with the same request within RESULT_TTL returns the task the "
+                                      "first made (Idempotent-Replayed: true) instead of making another."}
     prefer = {"name": "Prefer", "in": "header", "required": False, "schema": {"type": "string", "enum": [
         "respond-async", "wait"]}, "description": "`respond-async`: answer 202 with a task id; `wait`: the video."}
     return {
@@ -86,7 +97,7 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
         "paths": {
             "/generate": {"post": {
                 "summary": "Generate a video from an image (synchronously, or as a task with Prefer: respond-async).",
-                "parameters": [prefer, *query],
+                "parameters": [prefer, idempotency_key, *query],
                 "requestBody": {"required": True, "content": {
                     "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                        "properties": {"image": image, **fields},
@@ -96,7 +107,7 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                 "operationId": "generate",
                 "responses": {"200": _VIDEO, "202": {**_json("Task", "Accepted: the task, queued."),
                                                      "links": _TASK_LINKS},
-                              **_errors(400, 401, 413, 415, 422, 500, 503, 504, 507)}}},
+                              **_errors(400, 401, 409, 413, 415, 422, 500, 503, 504, 507)}}},
             "/status/{task_id}": _task_path("getStatus", "A task: status, progress, parameters, error, result URL.", {
                 "200": _json("Task", "The task."), **_errors(401, 404, 503)}),
             "/status/{task_id}/events": _task_path("getStatusEvents", "Server-Sent Events: a `status` event (the "

@@ -11,6 +11,8 @@ each with its TTL. Keys:
     vd:worker:<name> a live worker's heartbeat (JSON, with the task it runs), expiring after WORKER_TTL
     vd:queued        ids of queued tasks, checked against RQ's queue so none stays queued once its job is gone
     vd:started       ids of running tasks, checked against the heartbeats to fail abandoned ones
+    vd:webhooks      pending webhook deliveries by due time; vd:webhook:<id> holds each (webhooks.py)
+    vd:idem:<hash>   an Idempotency-Key's request fingerprint and task (idempotency.py)
 
 Every change of a task's status is one compare-and-set (a Lua script): it applies only if the record is in a
 status the lifecycle allows it to leave (and, for a worker, still its own), with its side effects (the sets,
@@ -41,6 +43,8 @@ from rq import Queue
 from backend import Health, Places, Supervisor, derive_status
 from config import Settings
 from errors import BackendUnavailable, ServiceError
+from idempotency import Entry, stale
+from webhooks import LEASE_SECONDS, Delivery, Dispatcher, delivery_for, parse_allow
 from tasks import (TOMBSTONE_SECONDS, CorruptRecord, ModelState, Task, TaskStatus, admit, cacheable, execute,
                    failure, progress_recorder, queue_timed_out, result_expired, result_expires_at, reuse, sources)
 
@@ -52,15 +56,15 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # transaction, so this only guards against clock skew between machines.
 LOST_JOB_GRACE = 10.0
 
-# KEYS: task, started set, queued set, input, result.
+# KEYS: task, started set, queued set, input, result, webhook outbox, webhook delivery.
 # ARGV: id, new record, record ttl, new status, expected worker ('' = any), result ttl, result ('' = none),
-#       then the statuses the task may be in.
+#       delivery id ('' = none), delivery, delivery due time, then the statuses the task may be in.
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local current = cjson.decode(raw)
 local allowed = false
-for i = 8, #ARGV do
+for i = 11, #ARGV do
   if current['status'] == ARGV[i] then allowed = true end
 end
 if not allowed then return 0 end
@@ -75,6 +79,10 @@ elseif status ~= 'queued' then
   redis.call('SREM', KEYS[2], ARGV[1])
   redis.call('DEL', KEYS[4])
   if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[6]) end
+end
+if ARGV[8] ~= '' and current['status'] ~= status then
+  redis.call('SET', KEYS[7], ARGV[9], 'EX', ARGV[3])
+  redis.call('ZADD', KEYS[6], ARGV[10], ARGV[8])
 end
 return 1
 """
@@ -94,6 +102,17 @@ if holder and holder ~= '' then
   if redis.call('EXISTS', ARGV[2] .. runtime) == 1 then return 0 end
 end
 return 1
+"""
+
+
+OUTBOX = "vd:webhooks"
+
+# Claim due deliveries: each is leased (re-scored to now + lease) so that one sender has it at a time, and
+# another takes it up when that sender dies. KEYS: outbox. ARGV: now, lease end, limit.
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return due
 """
 
 
@@ -143,11 +162,15 @@ class TaskStore:
     def move(self, task: Task, *, worker: str | None = None, result: bytes = b"",
              expected: list[TaskStatus] | None = None) -> bool:
         """Store `task` in its new status if the stored one may move there (or is in `expected`) and, given a
-        `worker`, is still that worker's; say whether it did."""
+        `worker`, is still that worker's; say whether it did. The webhook delivery a change of status calls for
+        joins the outbox in the same step."""
+        delivery = delivery_for(task)
         keys = [_key("task", task.task_id), "vd:started", "vd:queued", _key("input", task.task_id),
-                _key("result", task.task_id)]
+                _key("result", task.task_id), OUTBOX, _key("webhook", delivery.id if delivery else "none")]
         args = [task.task_id, task.to_json(), self.settings.result_ttl + TOMBSTONE_SECONDS, task.status.value,
                 worker or "", self.settings.result_ttl, result,
+                delivery.id if delivery else "", delivery.to_json() if delivery else "",
+                delivery.next_at if delivery else 0,
                 *(s.value for s in (expected or sources(task.status)))]
         return bool(self._transition(keys=keys, args=args))
 
@@ -200,6 +223,89 @@ class TaskStore:
                 log.warning("task %s: its worker %s is gone; failed it as abandoned", task.task_id, task.worker)
 
 
+class RedisOutbox:
+    """Pending webhook deliveries in Redis: any API or worker process may send them (leased, at least once)."""
+
+    def __init__(self, connection: redis.Redis):
+        self.redis = connection
+        self._claim = connection.register_script(_CLAIM)
+
+    def add(self, delivery: Delivery) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(_key("webhook", delivery.id), delivery.to_json(), ex=7 * 86400)
+            pipe.zadd(OUTBOX, {delivery.id: delivery.next_at})
+            pipe.execute()
+
+    def claim(self, now: float, limit: int) -> list[Delivery]:
+        try:
+            ids = self._claim(keys=[OUTBOX], args=[now, now + LEASE_SECONDS, limit])
+            found = self.redis.mget([_key("webhook", i.decode()) for i in ids]) if ids else []
+        except REDIS_ERRORS as exc:
+            log.warning("webhooks: Redis unreachable (%s); retrying", exc)
+            return []
+        deliveries = []
+        for raw_id, data in zip(ids, found):
+            if data is None:  # its record expired: nothing left to send
+                self.redis.zrem(OUTBOX, raw_id)
+                continue
+            deliveries.append(Delivery.from_json(data))
+        return deliveries
+
+    def retry(self, delivery: Delivery) -> None:
+        self.add(delivery)
+
+    def remove(self, delivery: Delivery) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(OUTBOX, delivery.id)
+            pipe.delete(_key("webhook", delivery.id))
+            pipe.execute()
+
+
+class RedisIdempotency:
+    """The Redis backend's keys: `vd:idem:<name>`, claimed with SET NX, expiring after RESULT_TTL."""
+
+    def __init__(self, connection):
+        self.redis = connection
+
+    @_unavailable_on_redis_errors
+    def get(self, name: str) -> Entry | None:
+        data = self.redis.get(f"vd:idem:{name}")
+        return Entry.from_json(data) if data else None
+
+    @_unavailable_on_redis_errors
+    def claim(self, name: str, entry: Entry, ttl: int) -> Entry | None:
+        key = f"vd:idem:{name}"
+        for _ in range(3):
+            if self.redis.set(key, entry.to_json(), nx=True, ex=ttl):
+                return None
+            existing = self.get(name)
+            if existing is None:
+                continue  # expired in between: try again
+            if not stale(existing):
+                return existing
+            # A stale claim: take it over only if it is still the one we read (no one else took it over first).
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    if pipe.get(key) != existing.to_json().encode():
+                        continue
+                    pipe.multi()
+                    pipe.set(key, entry.to_json(), ex=ttl)
+                    pipe.execute()
+                    return None
+                except redis.WatchError:  # someone else changed it: look again
+                    continue
+        return self.get(name)
+
+    @_unavailable_on_redis_errors
+    def bind(self, name: str, entry: Entry, ttl: int) -> None:
+        self.redis.set(f"vd:idem:{name}", entry.to_json(), ex=ttl)
+
+    @_unavailable_on_redis_errors
+    def release(self, name: str) -> None:
+        self.redis.delete(f"vd:idem:{name}")
+
+
 def copy_of(task: Task) -> Task:
     return Task.from_json(task.to_json())
 
@@ -217,9 +323,14 @@ class RedisBackend:
         self._lock = threading.RLock()
         self._places = Places(self._lock)
         self._draining = False
+        self.outbox = RedisOutbox(self.redis)
+        self.idempotency = RedisIdempotency(self.redis)
+        self.dispatcher = Dispatcher(self.outbox, parse_allow(settings.webhook_allow or ()), settings.webhook_secret,
+                                     telemetry)
 
     def start(self) -> None:
         self.supervisor.spawn("reaper", self._reap_loop)
+        self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
 
     def _reap_loop(self) -> None:
         while not self.supervisor.stopping.wait(max(1.0, self.settings.worker_ttl / 3)):
@@ -234,6 +345,7 @@ class RedisBackend:
 
     def stop(self) -> None:
         self.supervisor.stop(5)
+        self.dispatcher.stop()
         self.redis.close()
 
     def admission(self, mode: str):
@@ -289,6 +401,9 @@ class RedisBackend:
                            ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
             self._places.release()
         self.telemetry.task_created(hit)
+        if (delivery := delivery_for(hit)) is not None:
+            self.outbox.add(delivery)
+            self.dispatcher.wake.set()
         return hit
 
     @_unavailable_on_redis_errors
@@ -392,6 +507,8 @@ class WorkerRuntime:
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
         self.state, self.error, self.generator, self.current = ModelState.LOADING, None, None, None
         self.supervisor = Supervisor()
+        self.dispatcher = Dispatcher(RedisOutbox(self.redis), parse_allow(settings.webhook_allow or ()),
+                                     settings.webhook_secret, telemetry)
 
     def load(self, load_generator) -> None:
         try:
@@ -424,6 +541,7 @@ class WorkerRuntime:
 
     def start_heartbeat(self) -> None:
         self.supervisor.spawn("heartbeat", self._heartbeat_loop)
+        self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
 
     def _heartbeat_loop(self) -> None:
         while not self.supervisor.stopping.wait(self.settings.worker_ttl / 3):
@@ -435,6 +553,7 @@ class WorkerRuntime:
 
     def stop(self) -> None:
         self.supervisor.stop(5)
+        self.dispatcher.stop()
         try:
             self.redis.delete(_key("worker", self.name))
         except REDIS_ERRORS:

@@ -18,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 import errors
+import idempotency
 import middleware
 from backend import Backend
 from config import Settings, load_settings
@@ -28,12 +29,15 @@ from pipeline import describe_model
 from tasks import Task, TaskStatus, cache_key, is_task_id, new_task_id
 from telemetry import Telemetry, configure_logging
 from views import event_stream, status_response, video_response
+from webhooks import check_url, parse_allow, parse_events
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
 page = Blueprint("page", __name__, static_folder="static", static_url_path="/static")
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
+WEBHOOK_FIELDS = ("webhook", "webhook_events")
+IDEMPOTENCY_WAIT = 5.0  # seconds a request waits for the same key's first request to be accepted, then 409
 IMAGE_FIELDS = ("image", "file")
 WAIT_SLICE = 0.5  # seconds between checks that a synchronous client is still connected
 DECODES_AT_ONCE = 2  # a full-size decode can take ~100 MB: at most this many at a time
@@ -54,6 +58,7 @@ class Service:
             describe_model(settings, gpu=False).defaults["num_frames"] if settings.svd_model else 25)
         # What "the same model" means for the result cache.
         self.model_key = f"{settings.svd_model or 'default'}|{settings.svd_dtype}|{settings.svd_device}"
+        self.webhook_allow = parse_allow(settings.webhook_allow or ())
         self.decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
         self.streams = threading.BoundedSemaphore(settings.max_event_streams)
 
@@ -109,26 +114,90 @@ def _service() -> Service:
 def generate():
     service = _service()
     mode = _requested_mode(service.settings.generate_mode)
+    key = request.headers.get(idempotency.HEADER)
+    if key is not None:
+        return _generate_once(service, mode, idempotency.check_key(key))
     with service.backend.admission(mode):  # auth, draining and queue room before the body is read or decoded
-        raw = _raw_params()
-        params = parse_params(raw, service.params, max_output_frames=service.settings.max_output_frames,
-                              default_frames=service.default_frames)
-        image = open_image(_read_image_bytes(), service.settings.max_image_pixels)  # the header alone
-        if params["sizing"] == "source":
-            target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
-        with service.decodes, service.telemetry.decode.time():
-            image = decode_image(image, service.settings.max_dimension)
-        task = Task(task_id=new_task_id(), mode=mode, params=params)
-        if service.settings.result_cache and raw.get("seed", "").strip():  # a drawn seed is never repeated
-            task.cache_key = cache_key(image, params, service.model_key)
-        task = service.backend.submit(task, image)
+        task = _submit(service, mode, _raw_params(), _read_image_bytes())
+    return _respond(service, mode, task)
+
+
+def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Task:
+    """Validate, decode and hand the task to the backend (the caller holds an admission place)."""
+    generation = {k: v for k, v in raw.items() if k not in WEBHOOK_FIELDS}
+    params = parse_params(generation, service.params, max_output_frames=service.settings.max_output_frames,
+                          default_frames=service.default_frames)
+    webhook = _webhook(service, raw)
+    image = open_image(data, service.settings.max_image_pixels)  # the header alone
+    if params["sizing"] == "source":
+        target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
+    with service.decodes, service.telemetry.decode.time():
+        image = decode_image(image, service.settings.max_dimension)
+    task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook)
+    if service.settings.result_cache and generation.get("seed", "").strip():  # a drawn seed is never repeated
+        task.cache_key = cache_key(image, params, service.model_key)
+    task = service.backend.submit(task, image)
     service.telemetry.cache_lookup(task)
-    cache = {"X-Cache": "hit" if task.cached_from else "miss"}
+    return task
+
+
+def _respond(service: Service, mode: str, task: Task, **headers: str):
+    headers = {"X-Cache": "hit" if task.cached_from else "miss", **headers}
     if mode == "async":
-        return status_response(task, 202, Location=url_for("api.status", task_id=task.task_id), **cache)
+        return status_response(task, 202, Location=url_for("api.status", task_id=task.task_id), **headers)
     response = video_response(_wait_for(task.task_id))
-    response.headers.update(cache)
+    response.headers.update(headers)
     return response
+
+
+def _generate_once(service: Service, mode: str, key: str):
+    """`POST /generate` with an Idempotency-Key: the task the key's first request made, or a new one bound to it."""
+    store, ttl = service.backend.idempotency, service.settings.result_ttl
+    name = idempotency.scoped(key, middleware.presented_key())
+    existing = idempotency.live(store.get(name), ttl)
+    if existing is not None and existing.task_id is not None:  # a replay needs no place in line
+        print_ = idempotency.fingerprint(_read_image_bytes(), _raw_params())
+        return _replay(service, mode, idempotency.settle(existing, print_))
+    with service.backend.admission(mode):
+        raw, data = _raw_params(), _read_image_bytes()
+        print_ = idempotency.fingerprint(data, raw)
+        holder = store.claim(name, idempotency.Entry(print_, None, time.time()), ttl)
+        if holder is None:
+            try:
+                task = _submit(service, mode, raw, data)
+            except BaseException:
+                store.release(name)  # nothing was made: the same key may be tried again
+                raise
+            store.bind(name, idempotency.Entry(print_, task.task_id, time.time()), ttl)
+            return _respond(service, mode, task)
+    return _replay(service, mode, _await_binding(store, name, holder, print_, ttl))
+
+
+def _await_binding(store, name: str, holder, print_: str, ttl: int) -> str:
+    """The task of a key another connection is submitting now: wait a little for it, then 409."""
+    deadline = time.monotonic() + IDEMPOTENCY_WAIT
+    while holder is not None and holder.task_id is None and holder.fingerprint == print_ \
+            and time.monotonic() < deadline:
+        time.sleep(0.1)
+        holder = idempotency.live(store.get(name), ttl) or holder
+    return idempotency.settle(holder, print_)
+
+
+def _replay(service: Service, mode: str, task_id: str):
+    task = service.backend.get(task_id)
+    if task is None:
+        raise errors.NotFound("the task this Idempotency-Key made is gone")
+    return _respond(service, mode, task, **{"Idempotent-Replayed": "true"})
+
+
+def _webhook(service: Service, raw: dict[str, str]) -> dict | None:
+    url, events = raw.get("webhook", "").strip(), raw.get("webhook_events", "").strip()
+    if not url:
+        if events:
+            raise errors.InvalidParameter("`webhook_events` needs `webhook`", field="webhook_events")
+        return None
+    check_url(url, service.webhook_allow)
+    return {"url": url, "events": parse_events(events)}
 
 
 @api.get("/status/<path:task_id>")

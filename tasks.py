@@ -123,6 +123,7 @@ class Task:
     expired: bool = False  # the video was deleted after RESULT_TTL
     cache_key: str | None = None  # set when the request named its seed: what an identical request would have
     cached_from: str | None = None  # a result-cache hit: the task whose video this one answers with
+    webhook: dict[str, Any] | None = None  # {"url", "events"}: called when the task ends (webhooks.py)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
@@ -235,7 +236,7 @@ def reuse(original: Task | None, request: Task, result_ttl: int, now: float | No
                 step=original.step, total_steps=original.total_steps, model=original.model,
                 result={**original.result, "filename": f"{request.task_id}.{extension}", "expires_at": expires},
                 timings={"queue_wait": 0.0, "generation": 0.0, "postprocessing": 0.0, "encoding": 0.0},
-                cache_key=request.cache_key, cached_from=original.task_id)
+                cache_key=request.cache_key, cached_from=original.task_id, webhook=request.webhook)
 
 
 def write_atomic(path: Path, write: Callable[[str], None]) -> None:

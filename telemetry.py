@@ -38,6 +38,9 @@ class Telemetry:
         self.result_cache = Counter(f"{PREFIX}_result_cache", "Submissions naming a seed, by whether an earlier "
                                     "video answered them (hit) or they were generated (miss).", ["outcome"],
                                     registry=r)
+        self.webhooks = Counter(f"{PREFIX}_webhook_deliveries", "Webhook attempts by outcome: delivered, retried "
+                                "(failed, tried again later) or dropped (refused, redirected or out of attempts).",
+                                ["outcome"], registry=r)
         self.http = Counter(f"{PREFIX}_http_requests", "HTTP requests, by method, route and status.",
                             ["method", "route", "status"], registry=r)
 

@@ -8,7 +8,7 @@ import json
 import time
 from datetime import datetime, timezone
 
-from flask import Response, current_app, jsonify, request, send_file, stream_with_context, url_for
+from flask import Response, current_app, has_request_context, jsonify, request, send_file, stream_with_context
 
 import errors
 from tasks import Task, TaskStatus
@@ -28,11 +28,16 @@ def _iso(timestamp: float | None) -> str | None:
 
 def status_body(task: Task) -> dict:
     """The task as clients see it."""
+    position = _service().backend.queue_position(task.task_id) if task.status is TaskStatus.QUEUED else None
+    return status_document(task, position, request.script_root if has_request_context() else "")
+
+
+def status_document(task: Task, queue_position: int | None, root: str = "") -> dict:
+    """The task as JSON, the same from `/status` and in a webhook (whose URLs are relative to the API's root)."""
     return {
         "task_id": task.task_id, "status": task.status.value, "mode": task.mode,
         "progress": {"phase": task.phase, "step": task.step, "total": task.total_steps},
-        "queue_position": _service().backend.queue_position(task.task_id)
-        if task.status is TaskStatus.QUEUED else None,
+        "queue_position": queue_position,
         "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
         "finished_at": _iso(task.finished_at),
         "seed": task.params["seed"], "params": task.params, "model": task.model, "timings": task.timings,
@@ -40,8 +45,8 @@ def status_body(task: Task) -> dict:
         "result": {k: task.result[k] for k in ("format", "content_type", "bytes", "frames")}
         if task.result and task.status is TaskStatus.FINISHED else None,
         "cached": task.cached_from is not None,
-        "status_url": url_for("api.status", task_id=task.task_id),
-        "result_url": url_for("api.results", task_id=task.task_id)
+        "status_url": f"{root}/status/{task.task_id}",
+        "result_url": f"{root}/results/{task.task_id}"
         if task.status is TaskStatus.FINISHED and not task.expired else None,
     }
 

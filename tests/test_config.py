@@ -65,3 +65,19 @@ def test_readme_tables_and_env_example_are_generated_from_the_schemas():
     assert gen_docs.readme(readme) == readme
     assert config.variables_markdown() in readme and params_markdown() in readme
     assert (README.parent / ".env.example").read_text() == gen_docs.env_example()
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"WEBHOOK_SECRET": "not-a-secret-value"}, "must start with whsec_"),
+    ({"WEBHOOK_SECRET": "whsec_c2hvcnQ="}, "at least 16 bytes"),
+    ({"WEBHOOK_ALLOW": "hooks.example.com:http"}, "not a host or host:port"),
+])
+def test_webhook_settings_are_checked_and_a_secret_is_never_echoed(env, needle):
+    with pytest.raises(ConfigError) as caught:
+        load_settings(env, dotenv_path=None)
+    assert needle in str(caught.value)
+    for value in env.values():
+        if "SECRET" in next(iter(env)):
+            assert value not in str(caught.value)
+    secret = "whsec_" + "QUJDREVGR0hJSktMTU5PUFFSU1RVVg=="
+    assert secret not in repr(load_settings({"WEBHOOK_SECRET": secret}, dotenv_path=None))

@@ -1,0 +1,149 @@
+"""Idempotency-Key: a retried submit gets the task its first try made, never a second one (both backends)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import redis
+
+from conftest import SMALL, image_bytes, settings_for, start_worker_processes, upload, wait_ready
+from server import create_app
+from tasks import is_task_id
+from test_postprocess import Recording
+
+ASYNC = {"Prefer": "respond-async"}
+
+
+def post(client, key: str, prefer_async: bool = True, **params):
+    headers = {"Idempotency-Key": key, **(ASYNC if prefer_async else {})}
+    image = params.pop("image", image_bytes())
+    return client.post("/generate", data=upload(image, **{**SMALL, **params}), headers=headers)
+
+
+def records(folder) -> list[str]:
+    return [p.name for p in folder.iterdir() if is_task_id(p.name) and (p / "task.json").exists()]
+
+
+def test_two_sequential_submits_with_one_key_make_one_task(make_app, tmp_path):
+    client = make_app().test_client()
+    first, second = post(client, "order-1"), post(client, "order-1")
+    assert first.status_code == second.status_code == 202
+    assert first.json["task_id"] == second.json["task_id"]
+    assert "Idempotent-Replayed" not in first.headers and second.headers["Idempotent-Replayed"] == "true"
+    assert records(tmp_path / "videos") == [first.json["task_id"]]
+
+
+def test_two_concurrent_submits_with_one_key_make_one_task(make_app, tmp_path):
+    client = make_app().test_client()
+    answers = []
+    barrier = threading.Barrier(2)
+
+    def run():
+        barrier.wait(5)
+        answers.append(post(client, "order-2"))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(answers) == 2
+    ids = {a.json["task_id"] for a in answers if a.status_code == 202}
+    conflicts = [a for a in answers if a.status_code == 409]
+    assert len(ids) == 1 and all(a.headers["Retry-After"] for a in conflicts)
+    assert records(tmp_path / "videos") == list(ids)
+
+
+def test_a_different_request_with_the_same_key_is_422(make_app):
+    client = make_app().test_client()
+    assert post(client, "order-3").status_code == 202
+    for changed in ({"fps": 7}, {"image": image_bytes(color=(0, 0, 255))}):
+        response = post(client, "order-3", **changed)
+        assert response.status_code == 422 and response.json["error"]["code"] == "idempotency_key_reused"
+
+
+def test_a_synchronous_retry_gets_the_same_video_without_generating_again(make_app, generator):
+    recording = Recording(generator)
+    client = make_app(load=lambda settings: recording).test_client()
+    first, again = post(client, "sync-1", prefer_async=False), post(client, "sync-1", prefer_async=False)
+    assert first.status_code == again.status_code == 200 and first.data == again.data
+    assert first.headers["X-Task-Id"] == again.headers["X-Task-Id"] and len(recording.calls) == 1
+
+
+def test_a_refused_submit_leaves_the_key_free(make_app, tmp_path):
+    client = make_app().test_client()
+    refused = post(client, "order-4", fps=99)
+    assert refused.status_code == 422 and refused.json["error"]["field"] == "fps"
+    accepted = post(client, "order-4")
+    assert accepted.status_code == 202 and records(tmp_path / "videos") == [accepted.json["task_id"]]
+
+
+def test_keys_are_scoped_per_api_key(make_app):
+    client = make_app(API_KEY="alpha,beta").test_client()
+
+    def as_(key):
+        return client.post("/generate", data=upload(image_bytes(), **SMALL),
+                           headers={"Idempotency-Key": "same", "Authorization": f"Bearer {key}", **ASYNC})
+
+    alpha, beta, alpha_again = as_("alpha"), as_("beta"), as_("alpha")
+    assert alpha.json["task_id"] != beta.json["task_id"] and alpha_again.json["task_id"] == alpha.json["task_id"]
+
+
+@pytest.mark.parametrize("key", ["", "x" * 256, "caf\u00e9"])
+def test_a_malformed_key_is_422(client, key):
+    response = client.post("/generate", data=upload(image_bytes(), **SMALL),
+                           headers={"Idempotency-Key": key.encode("utf-8").decode("latin-1"), **ASYNC})
+    assert response.status_code == 422 and response.json["error"]["field"] == "Idempotency-Key"
+
+
+def test_keys_survive_a_restart(make_app, generator, tmp_path):
+    first_app = make_app()
+    first = post(first_app.test_client(), "order-5")
+    first_app.extensions["video_diffusion"].backend.stop()
+    again = create_app(settings_for(tmp_path), load=lambda settings: generator)
+    try:
+        client = again.test_client()
+        wait_ready(client)
+        replay = post(client, "order-5")
+        assert replay.json["task_id"] == first.json["task_id"] and replay.headers["Idempotent-Replayed"] == "true"
+        assert post(client, "order-5", fps=8).status_code == 422
+    finally:
+        again.extensions["video_diffusion"].backend.stop()
+
+
+@pytest.mark.slow
+def test_redis_mode_one_task_per_key_across_api_processes_and_restarts(tmp_path, tiny_model_dir, redis_server):
+    workers = start_worker_processes(tmp_path, tiny_model_dir, redis_server.url)
+    apps = [create_app(settings_for(tmp_path / f"api-{i}", REDIS_URL=redis_server.url, WORKER_TTL="3"))
+            for i in range(2)]
+    try:
+        clients = [app.test_client() for app in apps]
+        answers = []
+        barrier = threading.Barrier(2)
+
+        def run(client):
+            barrier.wait(5)
+            answers.append(post(client, "redis-1"))
+
+        threads = [threading.Thread(target=run, args=(c,)) for c in clients]  # two API processes' worth
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        ids = {a.json["task_id"] for a in answers if a.status_code == 202}
+        assert len(ids) == 1 and all(a.status_code in (202, 409) for a in answers)
+        sequential = post(clients[1], "redis-1")
+        assert sequential.json["task_id"] in ids
+        assert post(clients[0], "redis-1", fps=9).json["error"]["code"] == "idempotency_key_reused"
+        connection = redis.Redis.from_url(redis_server.url)
+        assert len(connection.keys("vd:task:*")) == 1
+        restarted = create_app(settings_for(tmp_path / "api-3", REDIS_URL=redis_server.url, WORKER_TTL="3"))
+        apps.append(restarted)
+        assert post(restarted.test_client(), "redis-1").json["task_id"] in ids
+        assert len(connection.keys("vd:task:*")) == 1
+    finally:
+        for app in apps:
+            app.extensions["video_diffusion"].backend.stop()
+        for worker in workers:
+            worker.stop()
