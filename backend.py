@@ -28,6 +28,9 @@ class Backend(Protocol):
 
     def start(self) -> None: ...
 
+    def model_defaults(self) -> dict[str, int] | None:
+        """The loaded model's num_frames, num_inference_steps, width and height (None before one is ready)."""
+
     def stop(self) -> None: ...
 
     def admission(self, mode: str) -> AbstractContextManager[None]:

@@ -239,6 +239,10 @@ class EmbeddedBackend:
         for task_id in [t for t in self._queue if queue_timed_out(self._live[t], self.settings.queue_timeout)]:
             self._end(self._live[task_id], TaskStatus.FAILED, failure("queue_timeout"))
 
+    def model_defaults(self) -> dict | None:
+        generator = self.generator
+        return dict(generator.model.defaults) if generator is not None else None
+
     def metrics(self) -> dict:
         with self._cond:
             state = {"queue_depth": len(self._queue), "tasks_running": int(self._running is not None),

@@ -459,6 +459,13 @@ class RedisBackend:
         self.redis.set(_key("cancel", task_id), "1", ex=self.settings.job_timeout + 120)
         return task
 
+    def model_defaults(self) -> dict | None:
+        try:
+            ready = [w for w in self.store.workers() if w["state"] == "ready" and w.get("defaults")]
+        except REDIS_ERRORS:
+            return None
+        return ready[0]["defaults"] if ready else None
+
     def metrics(self) -> dict:
         try:
             workers, waiting = self.store.workers(), self.queue.count
@@ -530,7 +537,7 @@ class WorkerRuntime:
     def beat(self) -> None:
         info = {"name": self.name, "state": self.state.value, "task": self.current, "error": self.error}
         if self.generator is not None:
-            info.update(self.generator.describe())
+            info.update(self.generator.describe(), defaults=self.generator.model.defaults)
         self.redis.set(_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
 
     def _beat_quietly(self) -> None:

@@ -254,12 +254,23 @@ def openapi():
 @api.get("/params")
 def params():
     """The generation parameters as this deployment accepts them: what the web page builds its controls from."""
-    return jsonify({"params": schema(_service().params)})
+    service = _service()
+    described = schema(service.params)
+    defaults = service.backend.model_defaults() or {}
+    for item in described:  # what "decided by the model" means on this server now, for the page to show
+        if item["default"] is None and item["name"] in defaults:
+            item["effective_default"] = defaults[item["name"]]
+    return jsonify({"params": described})
 
 
 @page.get("/")
 def index():
     return page.send_static_file("index.html")
+
+
+@page.get("/favicon.ico")
+def favicon():
+    return page.send_static_file("favicon.svg")
 
 
 # --- request parsing --------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // video-diffusion web page: builds its controls from GET /params, submits async tasks, follows them over
-// Server-Sent Events (read with fetch, so an API key can go along; polling if streaming fails), plays results.
+// Server-Sent Events (read with fetch, so an API key can go along; polling if streaming fails), plays results,
+// and keeps a history in this browser. No build step, nothing fetched from outside the origin.
 "use strict";
 
 const $ = (selector) => document.querySelector(selector);
@@ -10,9 +11,21 @@ const PHASE_TEXT = { waiting: "Waiting", loading: "Loading the image", denoising
                      decoding: "Decoding frames", "matching colour": "Matching the segments' colours",
                      looping: "Making the loop", interpolating: "Interpolating frames", retiming: "Dropping frames",
                      encoding: "Encoding the video", done: "Done" };
-// Shown up front; every other parameter goes under Advanced.
+// Shown up front (with the image: 6 controls); every other parameter goes under Advanced.
 const BASIC = ["motion_bucket_id", "num_frames", "fps", "seed", "format"];
-let current = null;  // {taskId, controller} of the task being followed
+const LABELS = {
+  motion_bucket_id: "Motion amount", fps: "Frames per second", num_frames: "Frames",
+  decode_chunk_size: "Frames decoded at once (lower = less GPU memory)", num_inference_steps: "Denoising steps",
+  noise_aug_strength: "Departure from the image", min_guidance_scale: "Guidance at the first frame",
+  max_guidance_scale: "Guidance at the last frame", seed: "Seed", width: "Width", height: "Height",
+  sizing: "Fitting the image", format: "Format", loop: "Loop", output_fps: "Playback rate (fps)",
+  segments: "Segments (longer video)",
+};
+const NO_SLIDER = ["seed", "width", "height", "output_fps"];
+let current = null;  // {taskId, controller, started, firstStep} of the task being followed
+let schema = [];
+let needsKey = false;
+const inputs = new Map();  // task id -> the input image's object URL, for before/after
 
 function apiKey() { return sessionStorage.getItem(KEY_KEY) || ""; }
 
@@ -33,9 +46,10 @@ async function start() {
   const health = await fetch("/health").then((r) => r.json()).catch(() => ({}));
   $("#noise-banner").hidden = !health.noise;
   const response = await api("/params");
-  if (response.status === 401) { askForKey(); return; }
+  if (response.status === 401) { needsKey = true; askForKey(); return; }
   if (!response.ok) { $("#form-error").textContent = (await errorOf(response)).message; return; }
-  buildControls((await response.json()).params);
+  schema = (await response.json()).params;
+  buildControls(schema);
   $("#key-form").hidden = true;
   $("#app").hidden = false;
   renderRecent();
@@ -58,50 +72,96 @@ $("#key-form").addEventListener("submit", async (event) => {
 
 // --- controls, from the parameter schema ----------------------------------------------------------------
 
+function shownDefault(param) {
+  if (param.default !== null) return param.default;
+  if (param.effective_default !== undefined) return param.effective_default;
+  return null;
+}
+
 function buildControls(params) {
   $("#controls").replaceChildren();
   $("#advanced-controls").replaceChildren();
   const advanced = $("#advanced");
   advanced.open = localStorage.getItem(ADVANCED_KEY) === "open";
+  // Saved at the click itself (the toggle event comes a task later: a reload could beat it), and on every toggle.
+  advanced.querySelector("summary").addEventListener("click", () => localStorage.setItem(ADVANCED_KEY, advanced.open ? "closed" : "open"));
   advanced.addEventListener("toggle", () => localStorage.setItem(ADVANCED_KEY, advanced.open ? "open" : "closed"));
   for (const param of params) {
     const box = BASIC.includes(param.name) ? $("#controls") : $("#advanced-controls");
-    const field = document.createElement("div");
-    field.className = "field";
-    const id = `param-${param.name}`;
-    const label = Object.assign(document.createElement("label"), { htmlFor: id, textContent: param.name.replaceAll("_", " ") });
-    let input;
-    if (param.enum) {
-      input = document.createElement("select");
-      for (const choice of param.enum) input.append(new Option(choice, choice, false, choice === param.default));
-    } else {
-      input = Object.assign(document.createElement("input"), { type: "number", inputMode: param.type === "integer" ? "numeric" : "decimal" });
-      input.min = param.minimum; input.max = param.maximum;
-      input.step = param.multipleOf || (param.type === "integer" ? 1 : "any");
-      if (param.default !== null) input.value = param.default;
-      else input.placeholder = (param.default_text || "").replace(/`/g, "");
+    box.append(buildField(param));
+  }
+}
+
+function buildField(param) {
+  const field = Object.assign(document.createElement("div"), { className: "field" });
+  const id = `param-${param.name}`;
+  const labelRow = Object.assign(document.createElement("div"), { className: "label-row" });
+  const label = Object.assign(document.createElement("label"), { htmlFor: id, textContent: LABELS[param.name] || param.name.replaceAll("_", " ") });
+  const apiName = Object.assign(document.createElement("span"), { className: "api-name", textContent: param.name });
+  labelRow.append(label, apiName);
+  const fallback = shownDefault(param);
+  let input, slider = null;
+  if (param.enum) {
+    input = document.createElement("select");
+    for (const choice of param.enum) input.append(new Option(choice, choice, false, choice === param.default));
+  } else {
+    input = Object.assign(document.createElement("input"), { type: "number", inputMode: param.type === "integer" ? "numeric" : "decimal" });
+    input.min = param.minimum; input.max = param.maximum;
+    input.step = param.multipleOf || (param.type === "integer" ? 1 : "any");
+    if (param.default !== null) input.value = param.default;
+    else input.placeholder = param.name === "output_fps" ? "= fps" : (fallback !== null ? String(fallback) : "");
+    if (!NO_SLIDER.includes(param.name)) {
+      slider = Object.assign(document.createElement("input"), { type: "range", min: param.minimum, max: param.maximum,
+        step: param.multipleOf || (param.type === "integer" ? 1 : (param.maximum - param.minimum) / 100) });
+      slider.id = `slider-${param.name}`;
+      slider.value = input.value || fallback || param.minimum;
+      slider.setAttribute("aria-label", `${LABELS[param.name] || param.name} (slider)`);
+      slider.tabIndex = -1;  // the number field is the keyboard's control; the slider is for the pointer
+      slider.addEventListener("input", () => { input.value = slider.value; });
+      input.addEventListener("input", () => { if (input.value !== "") slider.value = input.value; });
     }
-    Object.assign(input, { id, name: param.name });
-    const help = Object.assign(document.createElement("span"), { className: "help", id: `${id}-help`,
-      textContent: `${param.help} ${param.enum ? "" : `(${param.minimum}–${param.maximum})`}`.replace(/`/g, "") });
-    const error = Object.assign(document.createElement("p"), { className: "error", role: "alert" });
-    error.dataset.errorFor = param.name;
-    input.setAttribute("aria-describedby", help.id);
-    field.append(label);
-    if (param.name === "seed") {
-      const row = document.createElement("div");
-      row.className = "row";
-      const dice = Object.assign(document.createElement("button"), { type: "button", className: "secondary",
-        textContent: "Random", title: "Pick a random seed" });
-      dice.setAttribute("aria-label", "Random seed");
-      dice.addEventListener("click", () => { input.value = Math.floor(Math.random() * 2 ** 32); });
-      row.append(input, dice);
-      field.append(row);
-    } else {
-      field.append(input);
-    }
-    field.append(help, error);
-    box.append(field);
+  }
+  Object.assign(input, { id, name: param.name });
+  const range = param.enum ? "" : ` (${param.minimum}–${param.maximum}${fallback !== null && param.default === null ? `, default ${fallback}` : ""})`;
+  const help = Object.assign(document.createElement("span"), { className: "help", id: `${id}-help`,
+    textContent: `${param.help}${range}`.replace(/`/g, "") });
+  const error = Object.assign(document.createElement("p"), { className: "error", role: "alert" });
+  error.dataset.errorFor = param.name;
+  input.setAttribute("aria-describedby", help.id);
+  field.append(labelRow);
+  if (param.name === "seed") {
+    const row = Object.assign(document.createElement("div"), { className: "row seed" });
+    input.placeholder = "random";
+    const dice = Object.assign(document.createElement("button"), { type: "button", className: "secondary",
+      textContent: "Random", title: "Pick a random seed" });
+    dice.setAttribute("aria-label", "Random seed");
+    dice.addEventListener("click", () => { input.value = Math.floor(Math.random() * 2 ** 32); });
+    row.append(input, dice);
+    field.append(row);
+  } else if (slider) {
+    const row = Object.assign(document.createElement("div"), { className: "row" });
+    row.append(input, slider);
+    field.append(row);
+  } else {
+    field.append(input);
+  }
+  field.append(help, error);
+  return field;
+}
+
+function controls() { return [...document.querySelectorAll("#controls [name], #advanced-controls [name]")]; }
+
+function settings() {
+  const values = {};
+  for (const input of controls()) if (input.value.trim() !== "") values[input.name] = input.value.trim();
+  return values;
+}
+
+function restore(values) {
+  for (const input of controls()) {
+    const param = schema.find((p) => p.name === input.name);
+    input.value = values[input.name] ?? (param && param.default !== null ? param.default : "");
+    input.dispatchEvent(new Event("input"));
   }
 }
 
@@ -114,6 +174,13 @@ function showPreview(file) {
   $("#drop-help").textContent = `${file.name} — drop or press Enter to change it`;
 }
 
+function useFile(file) {
+  const transfer = new DataTransfer();
+  transfer.items.add(file);
+  $("#image").files = transfer.files;
+  showPreview(file);
+}
+
 const drop = $("#drop");
 drop.addEventListener("click", () => $("#image").click());
 drop.addEventListener("keydown", (event) => {
@@ -124,12 +191,34 @@ drop.addEventListener("dragleave", () => drop.classList.remove("over"));
 drop.addEventListener("drop", (event) => {
   event.preventDefault();
   drop.classList.remove("over");
-  if (event.dataTransfer.files.length) {
-    $("#image").files = event.dataTransfer.files;
-    showPreview(event.dataTransfer.files[0]);
-  }
+  if (event.dataTransfer.files.length) useFile(event.dataTransfer.files[0]);
 });
 $("#image").addEventListener("change", () => { if ($("#image").files.length) showPreview($("#image").files[0]); });
+
+// --- copy as curl ---------------------------------------------------------------------------------------
+
+function quote(text) { return `'${String(text).replaceAll("'", "'\\''")}'`; }
+
+function curlCommand() {
+  const values = settings();
+  const file = $("#image").files.length ? $("#image").files[0].name : "input.png";
+  const extension = { frames: "zip" }[values.format] || values.format || "mp4";
+  const lines = [`curl -X POST ${quote(`${location.origin}/generate`)}`];
+  if (needsKey || apiKey()) lines.push(`-H ${quote("Authorization: Bearer YOUR_API_KEY")}`);
+  lines.push(`-F ${quote(`image=@${file}`)}`);
+  for (const [name, value] of Object.entries(values)) lines.push(`-F ${quote(`${name}=${value}`)}`);
+  lines.push(`--output ${quote(`video.${extension}`)}`);
+  return lines.join(" \\\n  ");
+}
+
+$("#copy-curl").addEventListener("click", async () => {
+  const text = curlCommand();
+  $("#curl-text").textContent = text;
+  $("#curl-box").hidden = false;
+  let copied = false;
+  try { await navigator.clipboard.writeText(text); copied = true; } catch { /* not allowed here: select it */ }
+  $("#curl-note").textContent = copied ? "Copied. Run it where the image is:" : "Select and copy it; run it where the image is:";
+});
 
 // --- submitting -----------------------------------------------------------------------------------------
 
@@ -146,52 +235,71 @@ function showError(error) {
   if (input) { input.setAttribute("aria-invalid", "true"); input.focus(); }
 }
 
+function running(on) {
+  $("#generate").disabled = on;
+  $("#cancel").hidden = !on;
+}
+
 $("#generate-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  if ($("#generate").disabled) return;
   clearErrors();
   const form = new FormData();
-  if ($("#image").files.length) form.append("image", $("#image").files[0]);
-  for (const input of $("#generate-form").querySelectorAll("#controls input, #controls select, #advanced-controls input, #advanced-controls select")) {
-    if (input.value.trim() !== "") form.append(input.name, input.value.trim());
-  }
-  $("#generate").disabled = true;
+  const file = $("#image").files.length ? $("#image").files[0] : null;
+  if (file) form.append("image", file);
+  const values = settings();
+  for (const [name, value] of Object.entries(values)) form.append(name, value);
+  running(true);
   try {
     const response = await api("/generate", { method: "POST", body: form, headers: { Prefer: "respond-async" } });
-    if (response.status === 401) { askForKey("The key was not accepted."); return; }
-    if (!response.ok) { showError(await errorOf(response)); return; }
+    if (response.status === 401) { running(false); askForKey("The key was not accepted."); return; }
+    if (!response.ok) { running(false); showError(await errorOf(response)); return; }
     const task = await response.json();
-    remember(task);
+    if (file) inputs.set(task.task_id, URL.createObjectURL(file));
+    remember(task, { settings: values, input: file ? await thumbnail(URL.createObjectURL(file), "img") : null });
     follow(task.task_id);
   } catch (error) {
+    running(false);
     $("#form-error").textContent = `The server could not be reached (${error.message}).`;
-  } finally {
-    $("#generate").disabled = false;
   }
 });
 
-$("#cancel").addEventListener("click", async () => {
-  if (!current) return;
+async function cancel() {
+  if (!current || $("#cancel").hidden) return;
   const response = await api(`/tasks/${current.taskId}`, { method: "DELETE" });
   if (!response.ok && response.status !== 409) $("#form-error").textContent = (await errorOf(response)).message;
   $("#progress-text").textContent = "Canceling…";
+}
+$("#cancel").addEventListener("click", cancel);
+
+document.addEventListener("keydown", (event) => {
+  if (event.key === "Enter" && (event.ctrlKey || event.metaKey) && !$("#app").hidden) {
+    event.preventDefault();
+    $("#generate-form").requestSubmit();
+  } else if (event.key === "Escape" && current) {
+    cancel();
+  }
 });
 
 // --- following a task -----------------------------------------------------------------------------------
 
 async function follow(taskId) {
   if (current) current.controller.abort();
-  current = { taskId, controller: new AbortController() };
+  current = { taskId, controller: new AbortController(), started: performance.now(), firstStep: null };
   $("#progress-card").hidden = false;
   $("#result-card").hidden = true;
-  $("#cancel").hidden = false;
   $("#progress").value = 0;
   $("#progress-text").textContent = "Submitted…";
+  $("#progress-time").textContent = "";
+  if (window.matchMedia("(max-width: 56rem)").matches) $("#progress-card").scrollIntoView({ behavior: "smooth", block: "start" });
   const mine = current;
+  const ticker = setInterval(() => showTime(mine), 1000);
   try {
     await followEvents(mine);
   } catch (error) {
-    if (mine.controller.signal.aborted) return;
-    await followByPolling(mine);  // streaming failed (a proxy that buffers, an old browser): poll instead
+    if (!mine.controller.signal.aborted) await followByPolling(mine);  // a proxy that buffers: poll instead
+  } finally {
+    clearInterval(ticker);
   }
 }
 
@@ -218,26 +326,47 @@ async function followEvents(mine) {
 async function followByPolling(mine) {
   while (!mine.controller.signal.aborted) {
     const response = await api(`/status/${mine.taskId}`);
-    if (!response.ok) { showError(await errorOf(response)); return; }
+    if (!response.ok) { showError(await errorOf(response)); running(false); return; }
     if (update(mine, await response.json())) return;
     await new Promise((resolve) => setTimeout(resolve, 1000));
   }
+}
+
+function seconds(s) { return s >= 90 ? `${Math.round(s / 60)} min` : `${Math.round(s)} s`; }
+
+function showTime(mine) {
+  if (current !== mine || mine.ended) return;
+  let text = `Elapsed ${seconds((performance.now() - mine.started) / 1000)}`;
+  if (mine.firstStep && mine.lastStep && mine.lastStep.step > mine.firstStep.step && mine.total) {
+    const perStep = (mine.lastStep.at - mine.firstStep.at) / (mine.lastStep.step - mine.firstStep.step) / 1000;
+    text += ` · about ${seconds(Math.max(0, (mine.total - mine.lastStep.step) * perStep + 1))} left`;
+  }
+  $("#progress-time").textContent = text;
 }
 
 // Shows the task's state; returns true once it has ended.
 function update(mine, task) {
   if (current !== mine) return true;
   const bar = $("#progress"), text = $("#progress-text"), p = task.progress;
+  running(!["finished", "failed", "canceled"].includes(task.status));
   if (task.status === "queued") {
     bar.value = 2;
     text.textContent = task.queue_position ? `Queued: position ${task.queue_position}` : "Queued";
   } else if (task.status === "started") {
     const fraction = p.total ? p.step / p.total : 0;
+    if (["denoising", "decoding"].includes(p.phase) && p.step > 0) {
+      const mark = { step: p.step, at: performance.now() };
+      mine.firstStep = mine.firstStep || mark;
+      mine.lastStep = mark;
+      mine.total = p.total;
+    }
     bar.value = { loading: 4, denoising: 5 + 85 * fraction, decoding: 5 + 85 * fraction, encoding: 97 }[p.phase] ?? 94;
     text.textContent = p.phase === "denoising" ? `Denoising: step ${p.step} of ${p.total}` : `${PHASE_TEXT[p.phase] || p.phase}…`;
+    showTime(mine);
   } else {
+    mine.ended = true;
     bar.value = task.status === "finished" ? 100 : bar.value;
-    $("#cancel").hidden = true;
+    $("#progress-time").textContent = `Took ${seconds((performance.now() - mine.started) / 1000)}`;
     remember(task);
     if (task.status === "finished") { text.textContent = "Done"; showResult(task); }
     else text.textContent = task.status === "canceled" ? "Canceled" : `Failed: ${task.error.message}`;
@@ -262,22 +391,70 @@ async function showResult(task) {
     media = Object.assign(document.createElement("img"), { src: url, alt: "The generated animation" });
   }
   $("#result-media").replaceChildren(media);
-  const t = task.timings;
-  $("#result-info").textContent = `Seed ${task.seed} · ${task.params.width}×${task.params.height}, ${task.params.num_frames} frames at ${task.params.fps} fps · ` +
-    `waited ${t.queue_wait.toFixed(1)} s, generated in ${t.generation.toFixed(1)} s, encoded in ${t.encoding.toFixed(2)} s · ${(blob.size / 1024).toFixed(0)} KB`;
+  const entry = recent().find((t) => t.id === task.task_id);
+  const input = inputs.get(task.task_id) || (entry && entry.input);
+  $("#result-input").hidden = !input;
+  if (input) $("#result-input").src = input;
+  const t = task.timings, fmt = (s) => (s || 0).toFixed(1);
+  $("#result-info").textContent = `Seed ${task.seed} · ${task.params.width}×${task.params.height}, ` +
+    `${task.result ? task.result.frames : task.params.num_frames} frames at ${task.params.output_fps || task.params.fps} fps · ` +
+    `waited ${fmt(t.queue_wait)} s, generated in ${fmt(t.generation)} s, encoded in ${fmt(t.encoding)} s · ${(blob.size / 1024).toFixed(0)} KB` +
+    (task.cached ? " · from the cache" : "");
   Object.assign($("#download"), { href: url, download: `${task.task_id}.${format === "frames" ? "zip" : format}` });
+  $("#use-as-input").hidden = !["mp4", "webm"].includes(format);
   $("#result-card").hidden = false;
+  if (entry && !entry.thumb && format !== "frames") {
+    remember(task, { thumb: await thumbnail(url, ["mp4", "webm"].includes(format) ? "video" : "img") });
+  }
 }
 
-// --- recent tasks (this browser only) -------------------------------------------------------------------
+// The last frame of the shown video, as the next input: chain clips by hand.
+$("#use-as-input").addEventListener("click", async () => {
+  const video = $("#result-media video");
+  if (!video) return;
+  video.pause();
+  await new Promise((resolve) => {
+    video.addEventListener("seeked", resolve, { once: true });
+    video.currentTime = Math.max(0, video.duration - 0.001);
+  });
+  const canvas = Object.assign(document.createElement("canvas"), { width: video.videoWidth, height: video.videoHeight });
+  canvas.getContext("2d").drawImage(video, 0, 0);
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, "image/png"));
+  useFile(new File([blob], "last-frame.png", { type: "image/png" }));
+  $("#drop").scrollIntoView({ block: "nearest" });
+});
+
+// A small JPEG of the first frame (a video's) or of an image, made in the browser, for the history.
+function thumbnail(url, kind) {
+  return new Promise((resolve) => {
+    const element = document.createElement(kind);
+    const draw = () => {
+      const width = element.videoWidth || element.naturalWidth, height = element.videoHeight || element.naturalHeight;
+      if (!width) { resolve(null); return; }
+      const scale = 128 / Math.max(width, height);
+      const canvas = Object.assign(document.createElement("canvas"), { width: Math.round(width * scale), height: Math.round(height * scale) });
+      canvas.getContext("2d").drawImage(element, 0, 0, canvas.width, canvas.height);
+      resolve(canvas.toDataURL("image/jpeg", 0.75));
+    };
+    element.addEventListener(kind === "video" ? "loadeddata" : "load", draw, { once: true });
+    element.addEventListener("error", () => resolve(null), { once: true });
+    if (kind === "video") Object.assign(element, { muted: true, preload: "auto", playsInline: true });
+    element.src = url;
+  });
+}
+
+// --- history (this browser only) ------------------------------------------------------------------------
 
 function recent() { try { return JSON.parse(localStorage.getItem(RECENT_KEY)) || []; } catch { return []; } }
 
-function remember(task) {
-  const list = recent().filter((t) => t.id !== task.task_id);
-  list.unshift({ id: task.task_id, status: task.status, seed: task.seed, format: task.params.format,
-                 at: task.created_at });
-  localStorage.setItem(RECENT_KEY, JSON.stringify(list.slice(0, 20)));
+function remember(task, extra = {}) {
+  const list = recent();
+  const old = list.find((t) => t.id === task.task_id) || {};
+  const entry = { ...old, id: task.task_id, status: task.status, seed: task.seed, format: task.params.format,
+                  at: task.created_at, ...extra };
+  const rest = list.filter((t) => t.id !== task.task_id);
+  try { localStorage.setItem(RECENT_KEY, JSON.stringify([entry, ...rest].slice(0, 20))); }
+  catch { localStorage.setItem(RECENT_KEY, JSON.stringify([entry, ...rest].slice(0, 5))); }  // storage full
   renderRecent();
 }
 
@@ -286,11 +463,17 @@ function renderRecent() {
   box.replaceChildren(...list.map((t) => {
     const item = document.createElement("li");
     const when = new Date(t.at).toLocaleString();
-    const label = Object.assign(document.createElement("span"), { textContent: `${when} · ${t.format} · seed ${t.seed} · ${t.status}` });
+    const thumb = Object.assign(document.createElement("img"), { className: "thumb", alt: t.thumb ? "First frame" : "" });
+    if (t.thumb || t.input) thumb.src = t.thumb || t.input;
+    const label = Object.assign(document.createElement("span"), { className: "what", textContent: `${when} · ${t.format} · seed ${t.seed} · ${t.status}` });
     const open = Object.assign(document.createElement("button"), { type: "button", className: "secondary", textContent: "Open" });
     open.setAttribute("aria-label", `Open the task of ${when}`);
     open.addEventListener("click", () => follow(t.id));
-    item.append(label, open);
+    const reuse = Object.assign(document.createElement("button"), { type: "button", className: "secondary reuse", textContent: "Reuse settings" });
+    reuse.setAttribute("aria-label", `Reuse the settings of ${when}`);
+    reuse.disabled = !t.settings;
+    reuse.addEventListener("click", () => { restore(t.settings || {}); $("#generate").focus(); });
+    item.append(thumb, label, open, reuse);
     return item;
   }));
   $("#recent-empty").hidden = list.length > 0;

@@ -60,14 +60,15 @@ def fill(page, **values):
 
 def test_generate_watch_progress_play_and_download(page, picture):
     expect(page.locator("#noise-banner")).to_be_visible()
-    for name in ("motion_bucket_id", "fps", "num_frames", "seed", "format"):
-        expect(page.get_by_label(name.replace("_", " "), exact=True)).to_be_visible()
-    advanced = ("width", "height", "sizing", "loop", "output_fps", "segments")
-    for name in advanced:  # under Advanced, closed until opened
-        expect(page.get_by_label(name.replace("_", " "), exact=True)).to_be_hidden()
+    for label in ("Motion amount", "Frames per second", "Frames", "Seed", "Format"):
+        expect(page.get_by_label(label, exact=True)).to_be_visible()
+    advanced = ("Width", "Height", "Fitting the image", "Loop", "Playback rate (fps)", "Segments (longer video)",
+                "Frames decoded at once (lower = less GPU memory)")
+    for label in advanced:  # under Advanced, closed until opened
+        expect(page.get_by_label(label, exact=True)).to_be_hidden()
     page.click("#advanced summary")
-    for name in advanced:
-        expect(page.get_by_label(name.replace("_", " "), exact=True)).to_be_visible()
+    for label in advanced:
+        expect(page.get_by_label(label, exact=True)).to_be_visible()
     page.set_input_files("#image", str(picture))
     expect(page.locator("#preview")).to_be_visible()
     fill(page, num_frames=14, width=64, height=64, num_inference_steps=40, seed=99)
@@ -160,7 +161,10 @@ def test_cancel(page, picture):
 def test_keyboard_can_reach_the_image_picker_and_generate(page):
     page.evaluate("""() => document.querySelector('#image').addEventListener('click', (event) => {
         window.pickerOpened = true; event.preventDefault(); })""")
-    page.keyboard.press("Tab")
+    for _ in range(3):  # the API link in the header, then the image
+        page.keyboard.press("Tab")
+        if page.evaluate("document.activeElement.id") == "drop":
+            break
     assert page.evaluate("document.activeElement.id") == "drop"
     page.keyboard.press("Enter")
     page.wait_for_function("window.pickerOpened === true")
@@ -177,7 +181,111 @@ def test_readable_on_a_phone(browser, gunicorn_server):
     page.goto(gunicorn_server.url + "/")
     expect(page.locator("#app")).to_be_visible()
     assert page.evaluate("document.documentElement.scrollWidth") <= 375  # no sideways scrolling
+    generate, advanced = page.locator("#generate").bounding_box(), page.locator("#advanced").bounding_box()
+    assert generate["y"] < advanced["y"]  # Generate comes before Advanced, never behind it
+    OUTPUT.mkdir(exist_ok=True)
+    page.screenshot(path=str(OUTPUT / "page-phone.png"), full_page=True)
     context.close()
+
+
+def visible_controls(page) -> int:
+    """What a user sees to set before opening Advanced: the image, each field (a slider beside its number counts
+    with it), each choice."""
+    return page.evaluate("""() => {
+        const seen = (e) => e.checkVisibility();
+        const fields = [...document.querySelectorAll('#generate-form .field')].filter(seen).length;
+        return fields + (seen(document.querySelector('#drop')) ? 1 : 0); }""")
+
+
+def test_the_first_screen_at_1280_by_800(browser, gunicorn_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 800})
+    page = context.new_page()
+    page.goto(gunicorn_server.url + "/")
+    expect(page.locator("#app")).to_be_visible()
+    assert visible_controls(page) <= 9
+    for button in ("#generate", "#copy-curl"):
+        box = page.locator(button).bounding_box()
+        assert box["y"] + box["height"] <= 800, button  # above the fold
+    progress_column = page.locator("#recent-card").bounding_box()
+    assert progress_column["x"] > 600  # results and history beside the form, not under it
+    # Advanced shows this server's defaults (the tiny model's), not formulas, with the API name in small type.
+    page.click("#advanced summary")
+    assert page.get_attribute("#param-num_inference_steps", "placeholder") == "8"
+    assert page.get_attribute("#param-width", "placeholder") == "256"
+    assert page.locator(".api-name", has_text="decode_chunk_size").is_visible()
+    assert page.locator("#slider-motion_bucket_id").count() == 1
+    page.fill("#param-motion_bucket_id", "200")
+    assert page.input_value("#slider-motion_bucket_id") == "200"
+    assert page.get_attribute("#api-link", "href") == "/openapi.json"
+    for path in ("/favicon.ico", page.get_attribute('link[rel="icon"]', "href")):
+        assert page.request.get(gunicorn_server.url + path).status == 200
+    OUTPUT.mkdir(exist_ok=True)
+    page.click("#advanced summary")
+    page.screenshot(path=str(OUTPUT / "page-1280x800.png"))
+    context.close()
+
+
+def test_while_it_runs_generate_is_disabled_and_time_is_shown(page, picture):
+    page.set_input_files("#image", str(picture))
+    fill(page, num_frames=14, width=64, height=64, num_inference_steps=100)
+    page.keyboard.press("Control+Enter")  # the shortcut generates
+    expect(page.locator("#progress-text")).to_contain_text("Denoising", timeout=30_000)
+    expect(page.locator("#generate")).to_be_disabled()
+    expect(page.locator("#cancel")).to_be_visible()
+    expect(page.locator("#progress-time")).to_contain_text("left", timeout=10_000)
+    assert "Elapsed" in page.inner_text("#progress-time")
+    page.keyboard.press("Escape")  # and Esc cancels
+    expect(page.locator("#progress-text")).to_have_text("Canceled", timeout=30_000)
+    expect(page.locator("#generate")).to_be_enabled()
+
+
+def test_copy_as_curl_runs_and_makes_the_same_video(page, picture, tmp_path):
+    import subprocess
+
+    page.set_input_files("#image", str(picture))
+    fill(page, num_frames=14, width=64, height=64, num_inference_steps=2, seed=4242)
+    page.click("#copy-curl")  # before any generation
+    command = page.inner_text("#curl-text")
+    assert "-F 'seed=4242'" in command and "Authorization" not in command and "image=@input.png" in command
+    page.click("#generate")
+    expect(page.locator("#result-media video")).to_be_visible(timeout=60_000)
+    from_page = page.evaluate("""async () => Array.from(new Uint8Array(await (await fetch(
+        document.querySelector('#download').href)).arrayBuffer()))""")
+    result = subprocess.run(["bash", "-c", command], cwd=picture.parent, capture_output=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert (picture.parent / "video.mp4").read_bytes() == bytes(from_page)
+
+
+def test_history_keeps_a_thumbnail_and_reuses_every_setting(page, picture):
+    page.set_input_files("#image", str(picture))
+    fill(page, num_frames=14, width=64, height=64, num_inference_steps=2, seed=77, fps=7)
+    page.select_option("#param-loop", "pingpong")
+    page.click("#generate")
+    expect(page.locator("#result-media video")).to_be_visible(timeout=60_000)
+    expect(page.locator("#result-input")).to_be_visible()  # before and after, side by side
+    page.wait_for_function("document.querySelector('#recent li img.thumb').src.startsWith('data:image/jpeg')")
+    page.reload()
+    expect(page.locator("#recent li")).to_have_count(1)
+    assert page.get_attribute("#recent li img.thumb", "src").startswith("data:image/jpeg")
+    fill(page, fps=9, seed=1)
+    page.select_option("#param-loop", "none")
+    page.click("#recent li button.reuse")
+    assert (page.input_value("#param-fps"), page.input_value("#param-seed")) == ("7", "77")
+    assert page.input_value("#param-loop") == "pingpong" and page.input_value("#param-width") == "64"
+
+
+def test_use_the_last_frame_as_the_next_input(page, picture):
+    page.set_input_files("#image", str(picture))
+    fill(page, num_frames=14, width=64, height=64, num_inference_steps=2)
+    page.click("#generate")
+    expect(page.locator("#result-media video")).to_be_visible(timeout=60_000)
+    page.wait_for_function("document.querySelector('#result-media video').readyState >= 2")
+    page.click("#use-as-input")
+    expect(page.locator("#drop-help")).to_contain_text("last-frame.png")
+    size = page.evaluate("""() => new Promise((resolve) => { const image = new Image();
+        image.onload = () => resolve([image.naturalWidth, image.naturalHeight]);
+        image.src = document.querySelector('#preview').src; })""")
+    assert size == [64, 64]
 
 
 def test_with_an_api_key_the_page_asks_for_it(browser, keyed_server, picture):
