@@ -84,8 +84,9 @@ class Service:
         self.output = folder / "videos"
         self.log_path = folder / "gunicorn.log"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"], cwd=ROOT,
-            env={**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
+            # From its own folder (no `.env` there), with the code importable: the defaults are what is measured.
+            [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")], cwd=folder,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
                  "MALLOC_ARENA_MAX": "2", **env},  # as `make run` and the image set it
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
 

@@ -21,9 +21,23 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from config import load_settings  # noqa: E402
+from config import VARIABLES, load_settings  # noqa: E402
 from pipeline import load_generator, save_tiny_pipeline  # noqa: E402
 from server import create_app  # noqa: E402
+
+# Tests set what they need: the user's settings (their environment, their `.env`) must not reach them. The service's
+# variables are cleared here, and subprocesses start in a folder of their own (no `.env`) with the code on PYTHONPATH.
+for _variable in VARIABLES:
+    os.environ.pop(_variable.name, None)
+
+
+def process_env(**env: str) -> dict[str, str]:
+    """The environment for a service subprocess: this one (cleared of service settings), the code importable."""
+    return {**os.environ, "PYTHONPATH": str(ROOT), **env}
+
+
+GUNICORN = [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")]
+
 
 # Small enough that a generation takes a fraction of a second on two cores.
 SMALL = {"width": "64", "height": "64", "num_inference_steps": "1", "num_frames": "14"}
@@ -105,11 +119,10 @@ class Gunicorn:
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = tmp_path / "videos"
         self.log = open(tmp_path / "gunicorn.log", "wb")
-        full_env = {**os.environ, "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
-                    "MALLOC_ARENA_MAX": "2", **env}
-        self.process = subprocess.Popen([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"],
-                                        cwd=ROOT, env=full_env, stdout=self.log, stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+        full_env = process_env(HOST="127.0.0.1", PORT=str(self.port), VIDEO_OUTPUT_PATH=str(self.output),
+                               MALLOC_ARENA_MAX="2", **env)
+        self.process = subprocess.Popen(GUNICORN, cwd=tmp_path, env=full_env, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait_ready(self, timeout: float = 60.0, path: str = "/health") -> dict:
         """Until `path` answers 200 (`/livez` for a process that answers before it is ready)."""
@@ -224,7 +237,7 @@ class WorkerProcess:
         self.log = open(self.log_path, "wb")
         self.metrics_port = free_port()
         env = {"WORKER_METRICS_PORT": str(self.metrics_port), **env}
-        self.process = subprocess.Popen([sys.executable, "worker.py"], cwd=ROOT, env={**os.environ, **env},
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "worker.py")], cwd=tmp_path, env=process_env(**env),
                                         stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
 
     name: str | None = None  # the worker's unique name, from its first heartbeat

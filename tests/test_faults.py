@@ -16,7 +16,7 @@ import pytest
 import requests
 
 import tasks
-from conftest import ROOT, SMALL, Gunicorn, image_bytes, settings_for, upload
+from conftest import GUNICORN, ROOT, SMALL, Gunicorn, image_bytes, settings_for, upload
 from server import create_app
 from store import FolderInUse
 from tasks import TaskStatus
@@ -154,8 +154,9 @@ def test_a_second_service_on_the_same_folder_exits_at_once_naming_it(tmp_path, t
 
 
 def test_a_bad_setting_stops_gunicorn_with_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"], cwd=ROOT,
-                            env={"PATH": "/usr/bin:/bin", "MAX_QUEUE": "0", "VIDEO_OUTPUT_PATH": str(tmp_path)},
+    result = subprocess.run(GUNICORN, cwd=tmp_path,
+                            env={"PATH": "/usr/bin:/bin", "MAX_QUEUE": "0", "VIDEO_OUTPUT_PATH": str(tmp_path),
+                                 "PYTHONPATH": str(ROOT)},
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
@@ -167,9 +168,10 @@ def test_a_port_in_use_stops_gunicorn_with_one_line(tmp_path):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = subprocess.run([sys.executable, "-m", "gunicorn", "--config", "gunicorn.conf.py"], cwd=ROOT,
+        result = subprocess.run(GUNICORN, cwd=tmp_path,
                                 env={"PATH": "/usr/bin:/bin", "HOST": "127.0.0.1", "PORT": str(port),
-                                     "VIDEO_OUTPUT_PATH": str(tmp_path)}, capture_output=True, text=True, timeout=60)
+                                     "VIDEO_OUTPUT_PATH": str(tmp_path), "PYTHONPATH": str(ROOT)},
+                                capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and f"PORT={port}: address already in use" in lines[0], result.stderr
