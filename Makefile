@@ -5,12 +5,15 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install --quiet --disable-pip-version-check
 # torch is installed first and pinned: left to a resolver, it pulls a multi-GB build.
 TORCH := torch==2.13.0
+# PyPI's Linux torch wheel is the CUDA build; on a CPU-only machine, TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# takes the CPU wheel instead (a fresh .venv: `make clean` first).
+TORCH_INDEX ?=
 
 .PHONY: run test bench soak lint docs system-deps clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) $(TORCH)
+	$(PIP) $(TORCH) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) -r requirements.txt
 	touch $@
 

@@ -85,9 +85,10 @@ def build_tiny_pipeline():
     for SVD, and one attention head and layer per block so a 256x144 video takes seconds on a CPU.
     """
     import torch
+    _quiet_processor_warning()
     from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
                            UNetSpatioTemporalConditionModel)
-    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
@@ -108,7 +109,7 @@ def build_tiny_pipeline():
         num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
         steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
     pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=CLIPImageProcessor(crop_size=224, size=224))
+                                        feature_extractor=_image_processor()(crop_size=224, size=224))
     for module in (unet, vae, encoder):
         module.eval()  # built from configs they start in train mode; from_pretrained gives eval mode
     return pipe
@@ -177,12 +178,21 @@ class VideoGenerator:
                 "gpu_memory_peak_bytes": torch.cuda.max_memory_allocated()}
 
 
+CPU_NOTE = ("this machine has no GPU: a real model would take many minutes per video here (SVD_MODEL=tiny tries "
+            "the service in seconds)")
+
+
 class LoadSettingError(RuntimeError):
     """The settings ask for something this machine cannot do; the message is safe to show to clients."""
 
 
 def describe_load_failure(exc: BaseException) -> str:
     """What failed and what to do, in one sentence for `/health` and 503s: no paths, hosts or exception text."""
+    described = _describe(exc)
+    return f"{described}; {CPU_NOTE}" if CPU_NOTE in getattr(exc, "__notes__", ()) else described
+
+
+def _describe(exc: BaseException) -> str:
     import torch
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
@@ -219,6 +229,7 @@ def load_generator(settings: Settings) -> VideoGenerator:
     if settings.cuda_visible_devices is not None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.cuda_visible_devices)
     import torch
+    _quiet_processor_warning()
     from diffusers import StableVideoDiffusionPipeline
 
     device = _pick_device(settings.svd_device)
@@ -231,7 +242,14 @@ def load_generator(settings: Settings) -> VideoGenerator:
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
-        pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16")
+        if device == "cpu" and not model.noise:
+            log.warning("SVD_MODEL=%s on a CPU: %s", model.name, CPU_NOTE)
+        try:
+            pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16")
+        except Exception as exc:
+            if device == "cpu" and not model.noise:
+                exc.add_note(CPU_NOTE)
+            raise
     if model.noise:
         log.warning("serving %s: %s. Set SVD_MODEL=svd-xt (or svd) on a GPU machine for real videos.",
                     model.name, NOISE_NOTE)
@@ -250,6 +268,28 @@ def load_generator(settings: Settings) -> VideoGenerator:
     if settings.svd_compile:
         pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
     return VideoGenerator(pipe, model, device, dtype_name)
+
+
+def _quiet_processor_warning() -> None:
+    """diffusers' SVD module imports `CLIPImageProcessor` by name, and transformers then warns that it needs
+    torchvision and falls back to the Pillow processor. Pillow is the backend we choose (`_image_processor`; the
+    pipeline resizes with Pillow anyway), so that warning, which reads like a missing dependency, says nothing true
+    here: drop exactly it, before diffusers is imported."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(
+        lambda record: "requires torchvision" not in record.getMessage())
+
+
+def _image_processor():
+    """CLIP's image processor on Pillow, chosen explicitly: the pipeline resizes with Pillow anyway, and left to
+    itself transformers looks for torchvision and prints a warning that reads like a missing dependency."""
+    try:
+        from transformers import CLIPImageProcessorPil
+
+        return CLIPImageProcessorPil
+    except ImportError:  # an older transformers without the split: its one processor never looks for torchvision
+        from transformers import CLIPImageProcessor
+
+        return CLIPImageProcessor
 
 
 def _from_pretrained(cls, source: str, dtype, want_fp16_variant: bool):

@@ -60,6 +60,7 @@ def test_health_reports_the_model_and_says_it_is_noise(gunicorn_server):
     assert info["status"] == "ok" and info["device"] == "cpu" and info["dtype"] == "float32"
     assert "random weights: the output is noise" in info["model"]
     assert "serving" in gunicorn_server.logs() and "the output is noise" in gunicorn_server.logs()
+    assert "torchvision" not in gunicorn_server.logs()  # the processor backend is chosen, not guessed
 
 
 def test_four_concurrent_requests_succeed_one_generation_at_a_time_in_arrival_order(gunicorn_server):

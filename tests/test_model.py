@@ -80,6 +80,8 @@ def test_health_is_503_loading_until_the_model_is_ready(tmp_path, generator):
     ({"SVD_MODEL": "/nonexistent/svd-folder"}, "SVD_MODEL names neither a model folder on this machine"),
     ({"SVD_MODEL": "stabilityai/stable-video-diffusion-img2vid-xt"},
      "the model could not be downloaded: no access to the model hub"),
+    ({"SVD_MODEL": "svd-xt"}, "set HF_TOKEN for gated models, or set SVD_MODEL to a local folder; this machine has "
+                              "no GPU: a real model would take many minutes per video here"),
     ({"SVD_MODEL": "tiny", "SVD_OFFLOAD": "model"}, "SVD_OFFLOAD=model needs a CUDA device"),
     ({"SVD_MODEL": "tiny", "SVD_DEVICE": "cuda"}, "no cuda device"),
 ])

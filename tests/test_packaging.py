@@ -23,7 +23,8 @@ def test_hadolint_passes():
 
 
 def test_dockerfile_serves_on_5013_as_non_root_with_a_healthcheck():
-    assert re.search(r"^FROM nvidia/cuda:[\w.-]+-runtime-", DOCKERFILE, re.M)
+    assert re.findall(r"^FROM (\S+)", DOCKERFILE, re.M) == ["python:3.11-slim-bookworm"]  # one CUDA: torch's own
+    assert "nvidia/cuda" not in DOCKERFILE.split("FROM", 1)[1]
     assert "pip install torch==2.13.0 && pip install -r requirements.txt" in DOCKERFILE
     assert re.search(r"^EXPOSE 5013$", DOCKERFILE, re.M)
     assert re.search(r"^USER 10001$", DOCKERFILE, re.M)
@@ -71,7 +72,19 @@ def test_compose_runs_api_worker_and_redis_by_default():
     assert default == {"api", "worker", "redis"}
     assert "deploy" not in compose["api"] and compose["worker"]["deploy"]["resources"]["reservations"]["devices"]
     assert compose["worker"]["command"] == ["python", "worker.py"]
-    assert "8000:5013" in compose["api"]["ports"] and "5013:5013" in compose["api"]["ports"]
+    assert compose["api"]["ports"] == ["5013:5013"]  # one port: the service's
+
+
+def test_compose_passes_the_hub_token_and_the_workers_metrics_port():
+    result = subprocess.run([shutil.which("docker-compose"), "-f", "docker-compose.yml", "--profile", "gpu", "config"],
+                            cwd=ROOT, capture_output=True, text=True, check=False,
+                            env={"PATH": "/usr/bin:/bin", "HF_TOKEN": "hf_test", "WORKER_METRICS_PORT": "9200"})
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    for name in ("worker", "video-diffusion"):
+        assert services[name]["environment"]["HF_TOKEN"] == "hf_test"
+    assert services["worker"]["environment"]["WORKER_METRICS_PORT"] == "9200"
+    assert "9200/metrics" in " ".join(services["worker"]["healthcheck"]["test"])
 
 
 def test_the_seed_readmes_requirements_path_installs_the_same_pins():
