@@ -119,8 +119,8 @@ class Gunicorn:
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = tmp_path / "videos"
         self.log = open(tmp_path / "gunicorn.log", "wb")
-        full_env = process_env(HOST="127.0.0.1", PORT=str(self.port), VIDEO_OUTPUT_PATH=str(self.output),
-                               MALLOC_ARENA_MAX="2", **env)
+        full_env = process_env(**{"HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
+                                  "MALLOC_ARENA_MAX": "2", **env})
         self.process = subprocess.Popen(GUNICORN, cwd=tmp_path, env=full_env, stdout=self.log,
                                         stderr=subprocess.STDOUT, start_new_session=True)
 

@@ -23,8 +23,7 @@ def test_a_dotenv_and_environment_settings_do_not_reach_the_tests(tmp_path):
     env = {**os.environ, **dict(line.split("=") for line in harmless.split())}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "tests/test_e2e.py::test_demo_script_submits_follows_and_downloads",
-         "tests/test_e2e.py::test_the_ninth_waiting_request_gets_503_at_once"],
+         "tests/test_e2e.py::test_demo_script_submits_follows_and_downloads"],
         cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "2 passed" in result.stdout
+    assert "1 passed" in result.stdout

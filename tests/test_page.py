@@ -302,6 +302,9 @@ def test_with_an_api_key_the_page_asks_for_it(browser, keyed_server, picture):
     page.set_input_files("#image", str(picture))
     fill(page, num_frames=14, width=64, height=64, num_inference_steps=2)
     page.select_option("#param-format", "webp")
+    page.click("#copy-curl")
+    command = page.inner_text("#curl-text")
+    assert "Authorization: Bearer YOUR_API_KEY" in command and "page-key" not in command  # never the key
     page.click("#generate")
     expect(page.locator("#result-media img")).to_be_visible(timeout=60_000)
     context.close()
