@@ -127,6 +127,8 @@ def derive_status(*, draining: bool, model: ModelState, components: dict[str, Co
         return "failed"
     if model is ModelState.LOADING:
         return "loading"
+    if model is ModelState.WARMING_UP:
+        return "warming_up"
     return "ok"
 
 

@@ -16,6 +16,7 @@ SVD_DTYPE = "auto"
 SVD_OFFLOAD = "none"
 SVD_FORWARD_CHUNKING = False
 SVD_COMPILE = False
+SVD_CACHE_INTERVAL = 1
 CUDA_VISIBLE_DEVICES = None
 VIDEO_WIDTH = None  # None: the model's own (1024x576 for SVD, 256x144 for tiny)
 VIDEO_HEIGHT = None
@@ -140,7 +141,10 @@ VARIABLES = (
              "CPU offload for small cards (cuda only): `model` moves whole models, `sequential` layers."),
     Variable("SVD_FORWARD_CHUNKING", _bool,
              "Chunk the UNet's feed-forward layers: less memory, a little slower."),
-    Variable("SVD_COMPILE", _bool, "torch.compile the UNet: faster steps after a slow first call."),
+    Variable("SVD_COMPILE", _bool,
+             "torch.compile the UNet's blocks, with a warm-up at the default size during start-up (`/health` "
+             "answers 503 `warming_up` until it is done; other sizes compile again on their first request)."),
+    Variable("SVD_CACHE_INTERVAL", _int(1, 5), "Default `cache_interval`: 1 computes every step in full."),
     Variable("CUDA_VISIBLE_DEVICES", _optional_text,
              "Which GPU(s) the process sees (read by CUDA; set it before the model loads)."),
     Variable("VIDEO_WIDTH", _int(64, 2048, optional=True),

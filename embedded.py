@@ -117,6 +117,13 @@ class EmbeddedBackend:
                 self.model_state, self.model_error = ModelState.FAILED, describe_load_failure(exc)
                 self._cond.notify_all()
             return
+        if getattr(generator, "needs_warm_up", False):
+            with self._cond:
+                self.generator, self.model_state = generator, ModelState.WARMING_UP
+            try:
+                generator.warm_up()
+            except Exception:  # noqa: BLE001 - a failed warm-up only means the first request compiles
+                log.exception("the warm-up generation failed; requests will compile on first use")
         with self._cond:
             self.generator, self.model_state = generator, ModelState.READY
             self._cond.notify_all()

@@ -151,7 +151,7 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {
     "task_id": {"type": "string"}, "status_url": {"type": "string"}, "result_url": {"type": "string"}}}
 
 _HEALTH = {"type": "object", "required": ["status"], "properties": {
-    "status": {"type": "string", "enum": ["ok", "loading", "failed", "unhealthy", "draining", "no_workers",
+    "status": {"type": "string", "enum": ["ok", "loading", "warming_up", "failed", "unhealthy", "draining", "no_workers",
                                           "unavailable"]},
     "model": {"type": "string"}, "noise": {"type": "boolean"}, "device": {"type": "string"},
     "dtype": {"type": "string"},

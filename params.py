@@ -94,16 +94,21 @@ PARAMS = (
     Param("output_fps", int, None, "Playback rate of the file. Above `fps`, in-between frames are made by "
           "motion-compensated interpolation and the duration stays N / fps; below, frames are dropped evenly. "
           f"GIF: at most {GIF_MAX_FPS}.", 1, 60, default_text="`fps`"),
+    Param("cache_interval", int, 1, "Speed against fidelity: N > 1 runs the UNet's deep blocks every N-th step only "
+          "and reuses their output in between (DeepCache); 1 computes every step. 2 or 3 is faster with a small "
+          "change in the frames.", 1, 5, default_text="`SVD_CACHE_INTERVAL`, else 1"),
     Param("segments", int, 1, "Longer videos: each segment continues from the last frame of the one before "
           "(seed + 1 each), colour-matched to the first; N + (segments - 1) x (N - 1) frames.", 1, 4),
 )
 NAMES = tuple(p.name for p in PARAMS)
 
 
-def capped(max_dimension: int, max_steps: int) -> tuple[Param, ...]:
-    """The schema as one deployment accepts it: MAX_DIMENSION and MAX_STEPS narrow the ranges."""
+def capped(max_dimension: int, max_steps: int, cache_interval: int = 1) -> tuple[Param, ...]:
+    """The schema as one deployment accepts it: MAX_DIMENSION and MAX_STEPS narrow the ranges, SVD_CACHE_INTERVAL
+    sets the default `cache_interval`."""
     caps = {"width": max_dimension, "height": max_dimension, "num_inference_steps": max_steps}
-    return tuple(replace(p, maximum=min(p.maximum, caps[p.name])) if p.name in caps else p for p in PARAMS)
+    params = tuple(replace(p, maximum=min(p.maximum, caps[p.name])) if p.name in caps else p for p in PARAMS)
+    return tuple(replace(p, default=cache_interval) if p.name == "cache_interval" else p for p in params)
 
 
 def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS, *, max_output_frames: int = 600,

@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -124,12 +125,33 @@ def save_tiny_pipeline(path: str | os.PathLike) -> None:
 class VideoGenerator:
     """One loaded pipeline; generates one video at a time."""
 
-    def __init__(self, pipe, model: ModelInfo, device: str, dtype: str):
+    def __init__(self, pipe, model: ModelInfo, device: str, dtype: str, *, deep_cache=None,
+                 compiled: bool = False, cache_interval: int = 1):
         self.pipe = pipe
         self.model = model
         self.device = device
         self.dtype = dtype
+        self.deep_cache = deep_cache  # speedups.DeepCache on the UNet, reset for every call
+        self.compiled = compiled
+        self.needs_warm_up = compiled  # backends call warm_up() before taking work
+        self.default_cache_interval = cache_interval
+        self._shapes_seen: set[tuple] = set()
         self._lock = threading.Lock()
+
+    def warm_up(self) -> None:
+        """One generation at the default size, so that compiling happens now, not on a user's request. Enough
+        steps for both kinds of step (full, and with the deep blocks reused) to be compiled."""
+        from params import PARAMS, resolve_defaults
+        from PIL import Image
+
+        params = resolve_defaults({p.name: p.default for p in PARAMS}, self.model.defaults)
+        params.update(seed=0, cache_interval=self.default_cache_interval,
+                      num_inference_steps=max(2, self.default_cache_interval + 1))
+        image = Image.new("RGB", (params["width"], params["height"]), (128, 128, 128))
+        started = time.perf_counter()
+        self.generate(image, params, lambda *_: None)
+        log.info("warm-up done in %.1f s at %dx%d, %d frames", time.perf_counter() - started, params["width"],
+                 params["height"], params["num_frames"])
 
     def generate(self, image, params: dict[str, Any], progress: Progress) -> np.ndarray:
         """Frames (N x H x W x 3 uint8) for `image`, already sized to params' width x height."""
@@ -144,6 +166,13 @@ class VideoGenerator:
 
         with self._lock:
             progress("denoising", 0, total)
+            if self.deep_cache is not None:
+                self.deep_cache.reset(params.get("cache_interval", 1))
+            shape = (image.width, image.height, params["num_frames"], params.get("cache_interval", 1))
+            if self.compiled and shape not in self._shapes_seen:
+                log.info("compiling for a new shape: %dx%d, %d frames, cache_interval %d (the first such request "
+                         "pays for it)", *shape)
+                self._shapes_seen.add(shape)
             try:
                 with torch.inference_mode():
                     frames = self.pipe(
@@ -265,9 +294,28 @@ def load_generator(settings: Settings) -> VideoGenerator:
         pipe.to(device)
     if settings.svd_forward_chunking:
         pipe.unet.enable_forward_chunking()
+    from speedups import DeepCache, install_cross_attention
+
+    install_cross_attention(pipe.unet)
     if settings.svd_compile:
-        pipe.unet = torch.compile(pipe.unet, mode="reduce-overhead", fullgraph=True)
-    return VideoGenerator(pipe, model, device, dtype_name)
+        compile_blocks(pipe.unet)
+    deep_cache = DeepCache(pipe.unet)  # after compiling: its bookkeeping stays outside the compiled graphs
+    return VideoGenerator(pipe, model, device, dtype_name, deep_cache=deep_cache, compiled=settings.svd_compile,
+                          cache_interval=settings.svd_cache_interval)
+
+
+COMPILE_BACKEND = "inductor"  # tests use "eager": the same tracing, without minutes of code generation on a CPU
+
+
+def compile_blocks(unet) -> None:
+    """torch.compile each down, mid and up block of the UNet. Not the UNet as one graph: the deep-feature reuse
+    decides in Python, between blocks, which ones run. No CUDA graphs ("reduce-overhead"): their outputs are
+    overwritten by the next replay, and the reuse keeps one block's output across steps."""
+    import torch
+
+    torch._logging.set_logs(recompiles=True)  # a new shape compiles again: say so in the log
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+        block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
 
 
 def _quiet_processor_warning() -> None:

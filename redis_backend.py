@@ -363,7 +363,7 @@ class RedisBackend:
         failed = [w for w in workers if w["state"] == "failed"]
         if "ready" in states:
             return ModelState.READY, "", self.queue.count
-        if failed and "loading" not in states:
+        if failed and not states & {"loading", "warming_up"}:
             return ModelState.FAILED, failed[0].get("error") or "", self.queue.count
         return ModelState.LOADING, "no worker is ready to run it (start `python worker.py`)", self.queue.count
 
@@ -485,8 +485,9 @@ class RedisBackend:
             return Health("unavailable", {**details, "redis": "unreachable"})
         ready = [w for w in workers if w["state"] == "ready"]
         failed = [w for w in workers if w["state"] == "failed"]
-        status = derive_status(draining=self._draining, model=ModelState.READY if ready else ModelState.LOADING,
-                               components=components)
+        warming = any(w["state"] == ModelState.WARMING_UP.value for w in workers)
+        model = ModelState.READY if ready else ModelState.WARMING_UP if warming else ModelState.LOADING
+        status = derive_status(draining=self._draining, model=model, components=components)
         details.update(redis="ok", workers=len(ready), workers_not_ready=len(workers) - len(ready),
                        waiting=waiting, running=sum(1 for w in workers if w.get("task")))
         if ready:
@@ -520,6 +521,13 @@ class WorkerRuntime:
     def load(self, load_generator) -> None:
         try:
             self.generator = load_generator(self.settings)
+            if getattr(self.generator, "needs_warm_up", False):
+                self.state = ModelState.WARMING_UP
+                self._beat_quietly()
+                try:
+                    self.generator.warm_up()
+                except Exception:  # noqa: BLE001 - a failed warm-up only means the first job compiles
+                    log.exception("the warm-up generation failed; jobs will compile on first use")
             self.state = ModelState.READY
         except Exception as exc:  # noqa: BLE001 - stay up and say why, rather than crash-loop
             from pipeline import describe_load_failure

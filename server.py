@@ -51,7 +51,7 @@ class Service:
         self.settings = settings
         self.backend = backend
         self.telemetry = telemetry
-        self.params = capped(settings.max_dimension, settings.max_steps)
+        self.params = capped(settings.max_dimension, settings.max_steps, settings.svd_cache_interval)
         # The num_frames a request that leaves it to the model is checked with against MAX_OUTPUT_FRAMES: the
         # configured model's, or the largest any model has (25) when that is not known here.
         self.default_frames = settings.video_frames or (

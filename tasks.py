@@ -67,6 +67,7 @@ class IllegalTransition(RuntimeError):
 
 class ModelState(str, Enum):
     LOADING = "loading"
+    WARMING_UP = "warming_up"  # loaded; compiling and running one warm-up generation (SVD_COMPILE)
     READY = "ready"
     FAILED = "failed"
 
@@ -171,8 +172,10 @@ def admit(mode: str, *, draining: bool, model: ModelState, ready_detail: str, wa
         raise ShuttingDown("the service is shutting down; try again shortly", retry_after=10)
     if model is ModelState.FAILED:
         raise ModelNotReady(f"the model could not be loaded: {ready_detail}", retry_after=60)
-    if model is ModelState.LOADING and mode == "sync":
-        raise ModelNotReady(ready_detail or "the model is still loading; try again shortly", retry_after=10)
+    if model in (ModelState.LOADING, ModelState.WARMING_UP) and mode == "sync":
+        raise ModelNotReady(ready_detail or ("the model is warming up (SVD_COMPILE); try again shortly"
+                                             if model is ModelState.WARMING_UP else
+                                             "the model is still loading; try again shortly"), retry_after=10)
     if waiting >= max_queue:
         raise QueueFull(f"{waiting} requests are already waiting (MAX_QUEUE={max_queue}); try again later",
                         retry_after=30)

@@ -19,7 +19,7 @@ const LABELS = {
   noise_aug_strength: "Departure from the image", min_guidance_scale: "Guidance at the first frame",
   max_guidance_scale: "Guidance at the last frame", seed: "Seed", width: "Width", height: "Height",
   sizing: "Fitting the image", format: "Format", loop: "Loop", output_fps: "Playback rate (fps)",
-  segments: "Segments (longer video)",
+  segments: "Segments (longer video)", cache_interval: "Reuse deep features every N steps (faster)",
 };
 const NO_SLIDER = ["seed", "width", "height", "output_fps"];
 let current = null;  // {taskId, controller, started, firstStep} of the task being followed
