@@ -30,10 +30,12 @@ def configurations(smoke: bool) -> list[tuple[str, dict, dict]]:
     """(name, settings overrides, request overrides)."""
     configs = [("default", {}, {}), ("SVD_FORWARD_CHUNKING=true", {"SVD_FORWARD_CHUNKING": "true"}, {})]
     configs += [(f"decode_chunk_size={n}", {}, {"decode_chunk_size": str(n)}) for n in (1, 4, 16)]
+    configs += [(f"cache_interval={n}", {}, {"cache_interval": str(n)}) for n in (2, 3)]
     configs += [("SVD_OFFLOAD=model", {"SVD_OFFLOAD": "model"}, {}),
                 ("SVD_OFFLOAD=sequential", {"SVD_OFFLOAD": "sequential"}, {})]
     if not smoke:
         configs.append(("SVD_COMPILE=true", {"SVD_COMPILE": "true"}, {}))
+        configs.append(("SVD_COMPILE=true, cache_interval=3", {"SVD_COMPILE": "true"}, {"cache_interval": "3"}))
     return configs
 
 

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.slow
     ("encoding.py", [], ["ours mp4 (H.264)", "diffusers export_to_video", "GIF size vs export_to_gif"]),
     ("overhead.py", [], ["HTTP / bare", "| bare |", "| http |"]),
     ("load.py", [], ["errors | 0 |", "first come, first served | yes", "/health latency"]),
-    ("gpu_stages.py", ["--model", "tiny"], ["| default |", "SVD_OFFLOAD=model | skipped", "decode_chunk_size=4"]),
+    ("gpu_stages.py", ["--model", "tiny"], ["| default |", "SVD_OFFLOAD=model | skipped", "decode_chunk_size=4",
+                                            "cache_interval=3"]),
     ("postprocess.py", [], ["interpolation 6 -> 24 fps", "| ping-pong |", "hit / first"]),
     ("hostile.py", [], ["/health p99 with slow connections", "| PNG 16-bit grey |", "| WebP ("]),
 ])
