@@ -48,7 +48,7 @@ def test_the_document_lists_every_route(client):
     assert set(form["properties"]) == {"image", "motion_bucket_id", "fps", "num_frames", "decode_chunk_size",
                                        "num_inference_steps", "noise_aug_strength", "min_guidance_scale",
                                        "max_guidance_scale", "seed", "width", "height", "sizing", "format", "loop",
-                                       "output_fps", "segments", "webhook", "webhook_events"}
+                                       "output_fps", "segments", "cache_interval", "webhook", "webhook_events"}
     assert form["properties"]["fps"] == {"description": form["properties"]["fps"]["description"], "type": "integer",
                                          "minimum": 1, "maximum": 30, "default": 6}
 

@@ -253,7 +253,8 @@ def test_uploads_to_a_full_line_are_refused_before_any_decode(tmp_path, redis_se
     try:
         server.wait_ready(path="/livez")  # no worker, so /health stays 503 no_workers
         pid = _worker_pid(server)
-        assert [_upload_big(server, png).status_code for _ in range(4)] == [202] * 4
+        small = image_bytes()  # filling the line needs no big decodes
+        assert [_upload_big(server, small).status_code for _ in range(4)] == [202] * 4
         decodes = _decodes(server)
         refused, refused_mb = _peak_growth_mb(pid, lambda: _upload_concurrently(server, png, 20))
         print(f"20 uploads refused: API peak RSS +{refused_mb:.0f} MB")
