@@ -9,7 +9,7 @@ TORCH := torch==2.13.0
 # takes the CPU wheel instead (a fresh .venv: `make clean` first).
 TORCH_INDEX ?=
 
-.PHONY: run test bench soak lint docs system-deps clean
+.PHONY: run test bench bench-full soak lint docs system-deps clean
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,11 @@ test: $(VENV)/.test-installed system-deps
 # (BENCH_MODEL=svd-xt on a GPU machine).
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py overhead.py encoding.py load.py gpu_stages.py hostile.py postprocess.py
+
+# The full-size SVD-XT architecture with random weights (builds 13 GB outside the repository once; ~40 min on
+# 2 CPU cores, 10 GB of RAM): cache_interval through the real service, and a FLOP projection for a GPU.
+bench-full: $(VENV)/.test-installed
+	$(PY) bench/run.py full_size.py
 
 # The lifecycle state machines and SIGKILL crash runs at length (~20 min), into BENCHMARKS.md.
 soak: $(VENV)/.test-installed system-deps

@@ -87,8 +87,7 @@ def build_tiny_pipeline():
     """
     import torch
     _quiet_processor_warning()
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     with torch.random.fork_rng(devices=[]):
@@ -105,7 +104,14 @@ def build_tiny_pipeline():
         encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
             hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=224,
             intermediate_size=37, patch_size=32))
-    scheduler = EulerDiscreteScheduler(
+    return assemble(unet, vae, encoder)
+
+
+def assemble(unet, vae, encoder):
+    """A StableVideoDiffusionPipeline around these models, with SVD's own scheduler and image processor."""
+    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+
+    scheduler = EulerDiscreteScheduler(  # SVD-XT's published scheduler config
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
         num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
         steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)

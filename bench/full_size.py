@@ -42,11 +42,10 @@ def build(folder: Path) -> float:
     if (folder / "model_index.json").exists() and (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists():
         return 0.0
     import torch
-    from diffusers import (AutoencoderKLTemporalDecoder, EulerDiscreteScheduler, StableVideoDiffusionPipeline,
-                           UNetSpatioTemporalConditionModel)
+    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from pipeline import _image_processor
+    from pipeline import assemble
 
     started = time.perf_counter()
     torch.manual_seed(0)
@@ -56,12 +55,7 @@ def build(folder: Path) -> float:
     encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
         hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
         image_size=224, projection_dim=1024, hidden_act="gelu"))
-    scheduler = EulerDiscreteScheduler(
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
-        steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
-    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=_image_processor()(crop_size=224, size=224))
+    pipe = assemble(unet, vae, encoder)
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder)
     pipe.to(torch.float16).save_pretrained(folder, variant="fp16")
@@ -211,7 +205,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="the projection, and a tiny model served for 1 size")
     args = parser.parse_args()
-    print("### Projection for a GPU\n\n" + projection(block_flops()))
+    print("### Projection for a GPU\n\n" + projection(block_flops()))  # fake tensors: seconds, even in --smoke
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     if args.smoke:
         from common import tiny_model

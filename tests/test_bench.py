@@ -19,6 +19,7 @@ pytestmark = pytest.mark.slow
     ("gpu_stages.py", ["--model", "tiny"], ["| default |", "SVD_OFFLOAD=model | skipped", "decode_chunk_size=4",
                                             "cache_interval=3"]),
     ("postprocess.py", [], ["interpolation 6 -> 24 fps", "| ping-pong |", "hit / first"]),
+    ("full_size.py", [], ["projected A100 time", "| 64x64 | 3 |", "relative frame error"]),
     ("hostile.py", [], ["/health p99 with slow connections", "| PNG 16-bit grey |", "| WebP ("]),
 ])
 def test_benchmark_runs(script, extra, needles):
