@@ -48,6 +48,7 @@ class EmbeddedBackend:
         self._draining = False
         self._expiries: list[tuple[float, str, str]] = []  # heap of (when, "result" | "record", task id)
         self._cache: dict[str, str] = {}  # result cache: a request's cache key -> the task that made its video
+        self.outbox = self.dispatcher = self.idempotency = None  # set by start(), once the folder is ours
         self.generator = None
         self.model_state = ModelState.LOADING
         self.model_error: str | None = None  # curated: safe to show to clients
@@ -72,7 +73,8 @@ class EmbeddedBackend:
                 self._cancel_requested.add(self._running.task_id)
             self._cond.notify_all()
         self.supervisor.stop(timeout)
-        self.dispatcher.stop()
+        if self.dispatcher is not None:
+            self.dispatcher.stop()
         self.store.unlock()
 
     def drain(self, timeout: float) -> None:

@@ -229,6 +229,7 @@ class RedisOutbox:
     def __init__(self, connection: redis.Redis):
         self.redis = connection
         self._claim = connection.register_script(_CLAIM)
+        self._unreachable = False  # said once per outage, not every poll
 
     def add(self, delivery: Delivery) -> None:
         with self.redis.pipeline() as pipe:
@@ -241,8 +242,11 @@ class RedisOutbox:
             ids = self._claim(keys=[OUTBOX], args=[now, now + LEASE_SECONDS, limit])
             found = self.redis.mget([_key("webhook", i.decode()) for i in ids]) if ids else []
         except REDIS_ERRORS as exc:
-            log.warning("webhooks: Redis unreachable (%s); retrying", exc)
+            if not self._unreachable:
+                log.warning("webhooks: Redis unreachable (%s); retrying", exc)
+            self._unreachable = True
             return []
+        self._unreachable = False
         deliveries = []
         for raw_id, data in zip(ids, found):
             if data is None:  # its record expired: nothing left to send
