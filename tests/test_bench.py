@@ -1,9 +1,13 @@
-"""Benchmarks are not tests: these only smoke-run each script on tiny sizes so that none of them rots."""
+"""Benchmarks are not tests: these only smoke-run each script on tiny sizes so that none of them rots.
+
+The scripts run two at a time (each mostly waits on its own subprocesses), and each test checks its own output.
+"""
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -11,8 +15,7 @@ from conftest import ROOT
 
 pytestmark = pytest.mark.slow
 
-
-@pytest.mark.parametrize("script,extra,needles", [
+SCRIPTS = [
     ("encoding.py", [], ["ours mp4 (H.264)", "diffusers export_to_video", "GIF size vs export_to_gif"]),
     ("overhead.py", [], ["HTTP / bare", "| bare |", "| http |"]),
     ("load.py", [], ["errors | 0 |", "first come, first served | yes", "/health latency"]),
@@ -21,10 +24,30 @@ pytestmark = pytest.mark.slow
     ("postprocess.py", [], ["interpolation 6 -> 24 fps", "| ping-pong |", "hit / first"]),
     ("full_size.py", [], ["projected A100 time", "| 64x64 | 3 |", "relative frame error"]),
     ("hostile.py", [], ["/health p99 with slow connections", "| PNG 16-bit grey |", "| WebP ("]),
-])
-def test_benchmark_runs(script, extra, needles):
-    result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *extra], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+]
+
+
+AT_ONCE = 2  # scripts running together: two cores, and each starts services of its own
+
+
+@pytest.fixture(scope="module")
+def smoke_runs(tmp_path_factory):
+    """Every script's `--smoke` run, two at a time: script -> (exit code, stdout, stderr)."""
+    folder = tmp_path_factory.mktemp("bench-smoke")
+
+    def run(entry):
+        script, extra, _ = entry
+        result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *extra], cwd=folder,
+                                capture_output=True, text=True, timeout=600, check=False)
+        return script, (result.returncode, result.stdout, result.stderr)
+
+    with ThreadPoolExecutor(AT_ONCE) as pool:
+        return dict(pool.map(run, SCRIPTS))
+
+
+@pytest.mark.parametrize("script,extra,needles", SCRIPTS)
+def test_benchmark_runs(smoke_runs, script, extra, needles):
+    code, stdout, stderr = smoke_runs[script]
+    assert code == 0, stderr[-3000:]
     for needle in needles:
-        assert needle in result.stdout, result.stdout
+        assert needle in stdout, stdout
