@@ -262,7 +262,8 @@ class Dispatcher:
         self.secret = secret
         self.telemetry = telemetry
         self._pool = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook")
-        self._in_flight = threading.BoundedSemaphore(SENDERS)
+        self._lock = threading.Lock()
+        self._busy = 0  # deliveries handed to the pool and not yet done
         self.wake = threading.Event()
 
     def run(self, stopping: threading.Event) -> None:
@@ -270,14 +271,13 @@ class Dispatcher:
         while not stopping.is_set():
             self.wake.wait(POLL_SECONDS)
             self.wake.clear()
-            free = 0
-            while self._in_flight.acquire(blocking=False):
-                free += 1
+            with self._lock:
+                free = SENDERS - self._busy
             claimed = self.outbox.claim(time.time(), free) if free else []
+            with self._lock:
+                self._busy += len(claimed)
             for delivery in claimed:
                 self._pool.submit(self._send, delivery)
-            for _ in range(free - len(claimed)):
-                self._in_flight.release()
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -288,7 +288,8 @@ class Dispatcher:
         except Exception:  # noqa: BLE001 - the outbox keeps it; its lease runs out and it is tried again
             log.exception("webhook %s: sending failed", delivery.id)
         finally:
-            self._in_flight.release()
+            with self._lock:
+                self._busy -= 1
 
     def _send_once(self, delivery: Delivery) -> None:
         delivery.attempts += 1

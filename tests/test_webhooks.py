@@ -288,3 +288,30 @@ def test_redis_mode_deliveries_retry_and_survive_restarts(tmp_path, tiny_model_d
         assert delivery["headers"]["webhook-id"] == f"msg_{task_id}_ended"
     finally:
         again.extensions["video_diffusion"].backend.stop()
+
+
+def test_a_failed_claim_does_not_stop_later_deliveries(tmp_path, receivers):
+    """The outbox fails once (a disk error while claiming): the supervised loop restarts and still sends."""
+    from backend import Supervisor
+
+    receiver = receivers()
+    outbox = webhooks.FileOutbox(tmp_path / "outbox")
+    claim, failures = outbox.claim, [OSError("the outbox could not be read")]
+
+    def failing_once(now, limit):
+        if failures:
+            raise failures.pop()
+        return claim(now, limit)
+
+    outbox.claim = failing_once
+    dispatcher = webhooks.Dispatcher(outbox, webhooks.parse_allow([f"127.0.0.1:{receiver.port}"]), None, None)
+    supervisor = Supervisor()
+    supervisor.spawn("webhooks", lambda: dispatcher.run(supervisor.stopping))
+    try:
+        outbox.add(webhooks.Delivery(id="msg_0_ended", task_id="0", event="ended", url=receiver.url, body="{}",
+                                     next_at=time.time()))
+        (delivery,) = receiver.wait_for(1, timeout=15)
+        assert delivery["headers"]["webhook-id"] == "msg_0_ended" and not failures
+    finally:
+        supervisor.stop(5)
+        dispatcher.stop()
