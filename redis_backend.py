@@ -273,12 +273,12 @@ class RedisIdempotency:
 
     @_unavailable_on_redis_errors
     def get(self, name: str) -> Entry | None:
-        data = self.redis.get(f"vd:idem:{name}")
+        data = self.redis.get(_key("idem", name))
         return Entry.from_json(data) if data else None
 
     @_unavailable_on_redis_errors
     def claim(self, name: str, entry: Entry, ttl: int) -> Entry | None:
-        key = f"vd:idem:{name}"
+        key = _key("idem", name)
         for _ in range(3):
             if self.redis.set(key, entry.to_json(), nx=True, ex=ttl):
                 return None
@@ -303,11 +303,11 @@ class RedisIdempotency:
 
     @_unavailable_on_redis_errors
     def bind(self, name: str, entry: Entry, ttl: int) -> None:
-        self.redis.set(f"vd:idem:{name}", entry.to_json(), ex=ttl)
+        self.redis.set(_key("idem", name), entry.to_json(), ex=ttl)
 
     @_unavailable_on_redis_errors
     def release(self, name: str) -> None:
-        self.redis.delete(f"vd:idem:{name}")
+        self.redis.delete(_key("idem", name))
 
 
 def copy_of(task: Task) -> Task:
