@@ -108,15 +108,19 @@ def build_tiny_pipeline():
 
 
 def assemble(unet, vae, encoder):
-    """A StableVideoDiffusionPipeline around these models, with SVD's own scheduler and image processor."""
+    """A StableVideoDiffusionPipeline around these models, with SVD's own scheduler and image processor.
+
+    CLIP's image processor on Pillow, chosen explicitly: the pipeline resizes with Pillow anyway, and left to itself
+    transformers looks for torchvision and prints a warning that reads like a missing dependency."""
     from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
+    from transformers import CLIPImageProcessorPil
 
     scheduler = EulerDiscreteScheduler(  # SVD-XT's published scheduler config
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
         num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
         steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
     pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=_image_processor()(crop_size=224, size=224))
+                                        feature_extractor=CLIPImageProcessorPil(crop_size=224, size=224))
     for module in (unet, vae, encoder):
         module.eval()  # built from configs they start in train mode; from_pretrained gives eval mode
     return pipe
@@ -326,24 +330,11 @@ def compile_blocks(unet) -> None:
 
 def _quiet_processor_warning() -> None:
     """diffusers' SVD module imports `CLIPImageProcessor` by name, and transformers then warns that it needs
-    torchvision and falls back to the Pillow processor. Pillow is the backend we choose (`_image_processor`; the
+    torchvision and falls back to the Pillow processor. Pillow is the backend we choose (`assemble`; the
     pipeline resizes with Pillow anyway), so that warning, which reads like a missing dependency, says nothing true
     here: drop exactly it, before diffusers is imported."""
     logging.getLogger("transformers.utils.import_utils").addFilter(
         lambda record: "requires torchvision" not in record.getMessage())
-
-
-def _image_processor():
-    """CLIP's image processor on Pillow, chosen explicitly: the pipeline resizes with Pillow anyway, and left to
-    itself transformers looks for torchvision and prints a warning that reads like a missing dependency."""
-    try:
-        from transformers import CLIPImageProcessorPil
-
-        return CLIPImageProcessorPil
-    except ImportError:  # an older transformers without the split: its one processor never looks for torchvision
-        from transformers import CLIPImageProcessor
-
-        return CLIPImageProcessor
 
 
 def _from_pretrained(cls, source: str, dtype, want_fp16_variant: bool):
