@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -162,14 +163,21 @@ class Gunicorn:
         self.log.close()
 
 
-@pytest.fixture(scope="module")
-def gunicorn_server(tmp_path_factory, tiny_model_dir):
-    server = Gunicorn(tmp_path_factory.mktemp("gunicorn"), {"SVD_MODEL": str(tiny_model_dir)})
+@contextlib.contextmanager
+def ready_gunicorn(folder: Path, env: dict[str, str]):
+    """A Gunicorn on `folder` once `/health` answers 200, stopped on the way out: what module fixtures share."""
+    server = Gunicorn(folder, env)
     try:
         server.wait_ready()
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="module")
+def gunicorn_server(tmp_path_factory, tiny_model_dir):
+    with ready_gunicorn(tmp_path_factory.mktemp("gunicorn"), {"SVD_MODEL": str(tiny_model_dir)}) as server:
+        yield server
 
 
 def decode_video(data: bytes, fmt: str) -> tuple[np.ndarray, float]:

@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import SMALL, Gunicorn, image_bytes
+from conftest import SMALL, Gunicorn, image_bytes, ready_gunicorn
 from test_async import LONG
 
 pytestmark = pytest.mark.slow
@@ -25,12 +25,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory, tiny_model_dir):
-    server = Gunicorn(tmp_path_factory.mktemp("front"), {"SVD_MODEL": str(tiny_model_dir), "REQUEST_TIMEOUT": "3"})
-    try:
-        server.wait_ready()
+    with ready_gunicorn(tmp_path_factory.mktemp("front"),
+                        {"SVD_MODEL": str(tiny_model_dir), "REQUEST_TIMEOUT": "3"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _connect(server) -> socket.socket:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
-from conftest import ROOT, Gunicorn, image_bytes
+from conftest import ROOT, image_bytes, ready_gunicorn
 
 pytestmark = pytest.mark.slow
 OUTPUT = ROOT / "test-output"
@@ -26,12 +26,9 @@ def browser():
 
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory, tiny_model_dir):
-    server = Gunicorn(tmp_path_factory.mktemp("keyed"), {"SVD_MODEL": str(tiny_model_dir), "API_KEY": "page-key"})
-    try:
-        server.wait_ready()
+    with ready_gunicorn(tmp_path_factory.mktemp("keyed"),
+                        {"SVD_MODEL": str(tiny_model_dir), "API_KEY": "page-key"}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture
