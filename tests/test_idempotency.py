@@ -147,3 +147,39 @@ def test_redis_mode_one_task_per_key_across_api_processes_and_restarts(tmp_path,
             app.extensions["video_diffusion"].backend.stop()
         for worker in workers:
             worker.stop()
+
+
+@pytest.mark.slow
+def test_a_sync_retry_after_losing_redis_gets_the_first_task(tmp_path, tiny_model_dir):
+    """The case that asked for keys: a synchronous client got 503 while Redis was down, its task ran on; the retry
+    with the same key, once Redis is back with its data, gets that task and no second task exists. (The retry asks
+    for the task id, not the video: waiting for the worker to reconnect and finish adds half a minute and nothing
+    about the key; a synchronous replay is tested above.)"""
+    from conftest import RedisServer
+
+    long = {"num_inference_steps": 25}  # still running a second in, over in seconds
+
+    server = RedisServer(tmp_path, persist=True)
+    server.start()
+    workers = start_worker_processes(tmp_path, tiny_model_dir, server.url)
+    app = create_app(settings_for(tmp_path / "api", REDIS_URL=server.url, WORKER_TTL="3"))
+    try:
+        client = app.test_client()
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(response=post(client, "lost-1", prefer_async=False, **long)))
+        thread.start()
+        threading.Event().wait(1.0)  # queued or running by now
+        server.stop()  # a fault where the issue saw it: Redis gone while the client waits
+        thread.join(30)
+        lost = result["response"]
+        assert lost.status_code == 503 and lost.json["error"]["code"] == "redis_unavailable"
+        server.start()  # back, with its data
+        retry = post(client, "lost-1", **long)
+        assert retry.status_code == 202 and retry.json["task_id"] == lost.json["task_id"]
+        assert retry.headers["Idempotent-Replayed"] == "true"
+        assert len(redis.Redis.from_url(server.url).keys("vd:task:*")) == 1
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+        for worker in workers:
+            worker.stop()
+        server.stop()
