@@ -166,7 +166,8 @@ def test_a_sync_retry_after_losing_redis_gets_the_first_task(tmp_path, tiny_mode
     try:
         client = app.test_client()
         result = {}
-        thread = threading.Thread(target=lambda: result.update(response=post(client, "lost-1", prefer_async=False, **long)))
+        thread = threading.Thread(
+            target=lambda: result.update(response=post(client, "lost-1", prefer_async=False, **long)))
         thread.start()
         threading.Event().wait(1.0)  # queued or running by now
         server.stop()  # a fault where the issue saw it: Redis gone while the client waits
