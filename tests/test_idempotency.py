@@ -157,7 +157,7 @@ def test_a_sync_retry_after_losing_redis_gets_the_first_task(tmp_path, tiny_mode
     about the key; a synchronous replay is tested above.)"""
     from conftest import RedisServer
 
-    long = {"num_inference_steps": 25}  # still running a second in, over in seconds
+    long = {"num_inference_steps": 100}  # still running when Redis goes (the retry does not wait for it)
 
     server = RedisServer(tmp_path, persist=True)
     server.start()
@@ -169,7 +169,12 @@ def test_a_sync_retry_after_losing_redis_gets_the_first_task(tmp_path, tiny_mode
         thread = threading.Thread(
             target=lambda: result.update(response=post(client, "lost-1", prefer_async=False, **long)))
         thread.start()
-        threading.Event().wait(1.0)  # queued or running by now
+        connection = redis.Redis.from_url(server.url)
+        for _ in range(300):  # until the worker has started it: then the client is surely still waiting
+            records = [connection.get(key) for key in connection.keys("vd:task:*")]
+            if any(b'"status": "started"' in r for r in records if r):
+                break
+            threading.Event().wait(0.05)
         server.stop()  # a fault where the issue saw it: Redis gone while the client waits
         thread.join(30)
         lost = result["response"]
