@@ -131,8 +131,9 @@ class Variable:
 
 VARIABLES = (
     Variable("SVD_MODEL", _optional_text,
-             "`svd`, `svd-xt`, `svd-xt-1-1`, any Hugging Face repo id, a local diffusers folder, or `tiny` "
-             "(random weights, output is noise). Unset: `svd-xt` when a GPU is found, else `tiny`."),
+             "`svd`, `svd-xt`, `svd-xt-1-1`, `animatelcm-svd-xt` (4 steps), any Hugging Face repo id, a local "
+             "diffusers folder, or `tiny` (random weights, output is noise). Unset: `svd-xt` when a GPU is found, "
+             "else `tiny`."),
     Variable("SVD_DEVICE", _choice("auto", "cuda", "mps", "cpu"),
              "`auto` picks cuda, then mps, then cpu."),
     Variable("SVD_DTYPE", _choice("auto", "float16", "bfloat16", "float32"),

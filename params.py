@@ -11,6 +11,7 @@ from errors import InvalidParameter, UnknownParameter
 from postprocess import output_frames
 
 MAX_SEED = 2**32 - 1
+DEFAULT_MAX_GUIDANCE = 3.0  # SVD's; a model may name its own (pipeline.CONSISTENCY_DEFAULTS)
 
 
 @dataclass(frozen=True)
@@ -72,11 +73,13 @@ PARAMS = (
           default_text="model's (svd 14, svd-xt 25, tiny 14) or `VIDEO_FRAMES`"),
     Param("decode_chunk_size", int, 8, "Frames the VAE decodes at once: lower needs less GPU memory.", 1, 16),
     Param("num_inference_steps", int, None, "Denoising steps: more is slower and cleaner.", 1, 100,
-          default_text="25 (tiny: 8)"),
+          default_text="25 (tiny: 8, animatelcm-svd-xt: 4, at most 40)"),
     Param("noise_aug_strength", float, 0.02, "Noise added to the input image: higher departs further from it.",
           0, 1),
     Param("min_guidance_scale", float, 1.0, "Guidance at the first frame.", 0, 20),
-    Param("max_guidance_scale", float, 3.0, "Guidance at the last frame (at least min_guidance_scale).", 0, 20),
+    Param("max_guidance_scale", float, None, "Guidance at the last frame (at least min_guidance_scale). Above 1 the "
+          "UNet runs twice per step (with and without the image).", 0, 20,
+          default_text="3.0 (animatelcm-svd-xt: 1.2)"),
     Param("seed", int, None, "Random seed; the same seed and parameters give the same video.", 0, MAX_SEED,
           default_text="random (returned in `X-Seed`)"),
     Param("width", int, None, "Output width in pixels.", 64, 2048, multiple_of=8,
@@ -112,20 +115,22 @@ def capped(max_dimension: int, max_steps: int, cache_interval: int = 1) -> tuple
 
 
 def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS, *, max_output_frames: int = 600,
-                 default_frames: int = 25) -> dict[str, Any]:
+                 default_frames: int = 25, default_max_guidance: float = DEFAULT_MAX_GUIDANCE) -> dict[str, Any]:
     """Validate raw form/query values; returns every parameter, None where the model decides later.
 
-    The seed is drawn here when not given, so a client learns it before the task runs. `default_frames` is the
-    `num_frames` assumed when the request leaves it to the model, to check `max_output_frames` now.
+    The seed is drawn here when not given, so a client learns it before the task runs. `default_frames` and
+    `default_max_guidance` are the model's, assumed when the request leaves them to it, to check limits now.
     """
     unknown = sorted(set(raw) - set(NAMES))
     if unknown:
         raise UnknownParameter(f"unknown parameter `{unknown[0]}`; known: {', '.join(NAMES)}", field=unknown[0])
     values = {p.name: p.parse(raw[p.name]) if raw.get(p.name, "").strip() else p.default for p in params}
-    if values["min_guidance_scale"] > values["max_guidance_scale"]:
+    if values["min_guidance_scale"] > (values["max_guidance_scale"] or default_max_guidance):
+        given = values["max_guidance_scale"]
         raise InvalidParameter(
             f"`min_guidance_scale` ({values['min_guidance_scale']}) must not exceed `max_guidance_scale` "
-            f"({values['max_guidance_scale']})", field="min_guidance_scale")
+            f"({given if given is not None else f'the model default, {default_max_guidance}'})",
+            field="min_guidance_scale")
     for name, other in (("width", "height"), ("height", "width")):
         if values[name] is not None and values["sizing"] == "source":
             raise InvalidParameter(f"`{name}` does not apply with sizing=source (the image's own size is used)",
@@ -159,12 +164,16 @@ def check_output_frames(values: Mapping[str, Any], num_frames: int, limit: int) 
                            f"MAX_OUTPUT_FRAMES is {limit}", field=named[-1])
 
 
-def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, int]) -> dict[str, Any]:
-    """Fill what the model decides (`num_frames`, `num_inference_steps`, `width`, `height`)."""
+def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill what the model decides (`num_frames`, `num_inference_steps`, `width`, `height`, `max_guidance_scale`)."""
     resolved = {**{p.name: p.default for p in PARAMS}, **values}  # a record from before a parameter existed
     for name in ("num_frames", "num_inference_steps", "width", "height"):
         if resolved[name] is None:
             resolved[name] = model_defaults[name]
+    if resolved["max_guidance_scale"] is None:
+        # An API that could not tell the model checked min against 3.0: the model's own never goes below min.
+        resolved["max_guidance_scale"] = max(model_defaults.get("max_guidance_scale", DEFAULT_MAX_GUIDANCE),
+                                             resolved["min_guidance_scale"])
     if resolved.get("output_fps") is None:
         resolved["output_fps"] = resolved["fps"]
     return resolved

@@ -32,7 +32,13 @@ NOISE_NOTE = "random weights: the output is noise"
 # A folder saved by save_tiny_pipeline carries this file, so the service knows its output is noise.
 TINY_MARKER = "video_diffusion.json"
 TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144}
-SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576}
+SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576, "max_guidance_scale": 3.0}
+# AnimateLCM-SVD-xt (animatelcm.py): SVD-XT's parts, its distilled UNet weights, and the consistency sampler.
+ANIMATELCM = "animatelcm-svd-xt"
+ANIMATELCM_WEIGHTS = ("wangfuyun/AnimateLCM-SVD-xt", "AnimateLCM-SVD-xt-1.1.safetensors")
+# The authors' recommended sampling: 4 steps, guidance from 1 at the first frame to 1.2 at the last.
+CONSISTENCY_DEFAULTS = {"num_inference_steps": 4, "max_guidance_scale": 1.2}
+CONSISTENCY_SCHEDULER = "AnimateLCMScheduler"  # a folder whose scheduler is this samples as AnimateLCM does
 
 # progress(phase, step, total): called as generation moves on; may raise to stop it.
 Progress = Callable[[str, int, int], None]
@@ -43,7 +49,9 @@ class ModelInfo:
     name: str  # how users see it: "svd-xt", "tiny", a repo id, or a local folder's own name (never its path)
     source: str | None  # what from_pretrained loads; None builds the tiny pipeline in memory
     noise: bool  # random weights: outputs are noise, and every user-facing place says so
-    defaults: dict[str, int] = field(default_factory=dict)
+    defaults: dict[str, Any] = field(default_factory=dict)
+    max_steps: int | None = None  # a consistency sampler has a fixed number of noise levels to step through
+    unet_weights: tuple[str, str] | None = None  # (repo, file) of a UNet state dict loaded over the source's UNet
 
     @property
     def label(self) -> str:
@@ -58,25 +66,51 @@ def has_gpu() -> bool:
 
 
 def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
-    """What `SVD_MODEL` names, with its default frames, steps and size (`VIDEO_*` settings win)."""
+    """What `SVD_MODEL` names, with its default frames, steps, size and guidance (`VIDEO_*` settings win). Reads
+    no weights and imports no torch: the API process of a Redis deployment asks too."""
     name = settings.svd_model or ("svd-xt" if gpu else TINY)
+    weights, levels = None, None
     if name == TINY:
         defaults, source, noise = dict(TINY_DEFAULTS), None, True
     elif name in REPOS:
         source, frames = REPOS[name]
         defaults, noise = dict(SVD_DEFAULTS, num_frames=frames), False
+    elif name == ANIMATELCM:
+        source, noise, weights = REPOS["svd-xt"][0], False, ANIMATELCM_WEIGHTS
+        defaults, levels = dict(SVD_DEFAULTS), _consistency_levels({})
     elif (Path(name) / TINY_MARKER).is_file():
         defaults = json.loads((Path(name) / TINY_MARKER).read_text())["defaults"]
-        source, noise, name = name, True, TINY
+        levels = _consistency_levels(_scheduler_config(Path(name)))
+        source, noise, name = name, True, TINY if levels is None else f"{TINY}-animatelcm"
     else:
         defaults, source, noise = dict(SVD_DEFAULTS), name, False
         if Path(name).is_dir():  # public answers name the folder, not where it is
+            levels = _consistency_levels(_scheduler_config(Path(name)))
             name = Path(name).name
+    if levels is not None:
+        defaults.update(CONSISTENCY_DEFAULTS, num_inference_steps=min(CONSISTENCY_DEFAULTS["num_inference_steps"],
+                                                                      levels))
     for key, value in (("num_frames", settings.video_frames), ("width", settings.video_width),
                        ("height", settings.video_height)):
         if value is not None:
             defaults[key] = value
-    return ModelInfo(name=name, source=source, noise=noise, defaults=defaults)
+    return ModelInfo(name=name, source=source, noise=noise, defaults=defaults, max_steps=levels,
+                     unet_weights=weights)
+
+
+def _scheduler_config(folder: Path) -> dict:
+    try:
+        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _consistency_levels(config: dict) -> int | None:
+    """How many noise levels an AnimateLCM scheduler config steps through (the most steps a request may ask
+    for); None for any other scheduler. `{}` stands for the published AnimateLCM-SVD-xt config."""
+    if config and config.get("_class_name") != CONSISTENCY_SCHEDULER:
+        return None
+    return int(config.get("num_train_timesteps", 40))
 
 
 def build_tiny_pipeline():
@@ -126,9 +160,15 @@ def assemble(unet, vae, encoder):
     return pipe
 
 
-def save_tiny_pipeline(path: str | os.PathLike) -> None:
-    """Save the tiny pipeline as a diffusers folder that `SVD_MODEL=<path>` serves."""
-    build_tiny_pipeline().save_pretrained(path)
+def save_tiny_pipeline(path: str | os.PathLike, animatelcm: bool = False) -> None:
+    """Save the tiny pipeline as a diffusers folder that `SVD_MODEL=<path>` serves; with `animatelcm`, it samples
+    with AnimateLCM's consistency scheduler (the UNet stays random: the scheduler is what is exercised)."""
+    pipe = build_tiny_pipeline()
+    if animatelcm:
+        from animatelcm import AnimateLCMScheduler
+
+        pipe.scheduler = AnimateLCMScheduler()
+    pipe.save_pretrained(path)
     (Path(path) / TINY_MARKER).write_text(json.dumps({"tiny": True, "defaults": TINY_DEFAULTS}))
 
 
@@ -179,6 +219,9 @@ class VideoGenerator:
             if self.deep_cache is not None:
                 self.deep_cache.reset(params.get("cache_interval", 1))
             shape = (image.width, image.height, params["num_frames"], params.get("cache_interval", 1))
+            generator = torch.Generator("cpu").manual_seed(params["seed"])
+            if hasattr(self.pipe.scheduler, "generator"):  # a sampler that draws noise at every step draws it here
+                self.pipe.scheduler.generator = generator
             if self.compiled and shape not in self._shapes_seen:
                 log.info("compiling for a new shape: %dx%d, %d frames, cache_interval %d (the first such request "
                          "pays for it)", *shape)
@@ -192,12 +235,14 @@ class VideoGenerator:
                         decode_chunk_size=params["decode_chunk_size"],
                         min_guidance_scale=params["min_guidance_scale"],
                         max_guidance_scale=params["max_guidance_scale"],
-                        generator=torch.Generator("cpu").manual_seed(params["seed"]),
+                        generator=generator,
                         output_type="np", callback_on_step_end=on_step_end).frames[0]
             except torch.OutOfMemoryError:
                 raise OutOfMemory(f"the {self.device} ran out of memory; try fewer frames, a smaller size or a "
                                   "lower decode_chunk_size") from None
             finally:
+                if hasattr(self.pipe.scheduler, "generator"):
+                    self.pipe.scheduler.generator = None
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
         return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
@@ -271,6 +316,8 @@ def load_generator(settings: Settings) -> VideoGenerator:
     _quiet_processor_warning()
     from diffusers import StableVideoDiffusionPipeline
 
+    import animatelcm  # noqa: F401 - a folder may name its scheduler; diffusers loads only modules already imported
+
     device = _pick_device(settings.svd_device)
     model = describe_model(settings, gpu=device != "cpu")
     dtype_name = settings.svd_dtype if settings.svd_dtype != "auto" else ("float16" if device == "cuda"
@@ -284,7 +331,12 @@ def load_generator(settings: Settings) -> VideoGenerator:
         if device == "cpu" and not model.noise:
             log.warning("SVD_MODEL=%s on a CPU: %s", model.name, CPU_NOTE)
         try:
-            pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16")
+            pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16",
+                                    **_animatelcm_parts(model))
+            if model.unet_weights is not None:
+                from animatelcm import load_unet_weights
+
+                load_unet_weights(pipe.unet, *model.unet_weights)
         except Exception as exc:
             if device == "cpu" and not model.noise:
                 exc.add_note(CPU_NOTE)
@@ -337,11 +389,20 @@ def _quiet_processor_warning() -> None:
         lambda record: "requires torchvision" not in record.getMessage())
 
 
-def _from_pretrained(cls, source: str, dtype, want_fp16_variant: bool):
+def _animatelcm_parts(model: ModelInfo) -> dict[str, Any]:
+    """from_pretrained's overrides for AnimateLCM-SVD-xt: its sampler instead of the source's Euler scheduler."""
+    if model.unet_weights is None:
+        return {}
+    from animatelcm import AnimateLCMScheduler
+
+    return {"scheduler": AnimateLCMScheduler()}
+
+
+def _from_pretrained(cls, source: str, dtype, want_fp16_variant: bool, **parts):
     if want_fp16_variant:
         try:
-            return cls.from_pretrained(source, dtype=dtype, variant="fp16")
+            return cls.from_pretrained(source, dtype=dtype, variant="fp16", **parts)
         except (OSError, ValueError) as exc:
             # Folders and repos without fp16 files: load the full-precision files and cast them.
             log.info("no fp16 variant of %s (%s); loading the default weights as float16", source, exc)
-    return cls.from_pretrained(source, dtype=dtype)
+    return cls.from_pretrained(source, dtype=dtype, **parts)

@@ -24,7 +24,7 @@ from backend import Backend
 from config import Settings, load_settings
 from images import decode_image, open_image, target_size
 from openapi import build_document
-from params import capped, parse_params, schema
+from params import DEFAULT_MAX_GUIDANCE, capped, parse_params, schema
 from pipeline import describe_model
 from tasks import Task, TaskStatus, cache_key, is_task_id, new_task_id
 from telemetry import Telemetry, configure_logging
@@ -51,11 +51,14 @@ class Service:
         self.settings = settings
         self.backend = backend
         self.telemetry = telemetry
-        self.params = capped(settings.max_dimension, settings.max_steps, settings.svd_cache_interval)
-        # The num_frames a request that leaves it to the model is checked with against MAX_OUTPUT_FRAMES: the
-        # configured model's, or the largest any model has (25) when that is not known here.
-        self.default_frames = settings.video_frames or (
-            describe_model(settings, gpu=False).defaults["num_frames"] if settings.svd_model else 25)
+        # What a request that leaves num_frames or max_guidance_scale to the model is checked with: the configured
+        # model's, else (the model is chosen by the hardware a worker finds) the most frames any model has.
+        model = describe_model(settings, gpu=False) if settings.svd_model else None
+        self.default_frames = settings.video_frames or (model.defaults["num_frames"] if model else 25)
+        self.default_max_guidance = model.defaults.get("max_guidance_scale", DEFAULT_MAX_GUIDANCE) if model \
+            else DEFAULT_MAX_GUIDANCE
+        max_steps = min(settings.max_steps, model.max_steps or settings.max_steps) if model else settings.max_steps
+        self.params = capped(settings.max_dimension, max_steps, settings.svd_cache_interval)
         # What "the same model" means for the result cache.
         self.model_key = f"{settings.svd_model or 'default'}|{settings.svd_dtype}|{settings.svd_device}"
         self.webhook_allow = parse_allow(settings.webhook_allow or ())
@@ -126,7 +129,7 @@ def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Ta
     """Validate, decode and hand the task to the backend (the caller holds an admission place)."""
     generation = {k: v for k, v in raw.items() if k not in WEBHOOK_FIELDS}
     params = parse_params(generation, service.params, max_output_frames=service.settings.max_output_frames,
-                          default_frames=service.default_frames)
+                          default_frames=service.default_frames, default_max_guidance=service.default_max_guidance)
     webhook = _webhook(service, raw)
     image = open_image(data, service.settings.max_image_pixels)  # the header alone
     if params["sizing"] == "source":

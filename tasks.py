@@ -22,7 +22,8 @@ from typing import Any, Callable
 from PIL import Image
 
 from encoders import FORMATS, encode_video
-from errors import GenerationTimeout, ModelNotReady, QueueFull, ServiceError, ShuttingDown, TaskCanceled
+from errors import (GenerationTimeout, InvalidParameter, ModelNotReady, QueueFull, ServiceError, ShuttingDown,
+                    TaskCanceled)
 from images import fit_image
 from params import MAX_SEED, resolve_defaults
 from postprocess import colour_stats, make_loop, match_colours, retime
@@ -272,6 +273,10 @@ def run_task(generator, task: Task, image: Image.Image, out_path: Path,
     change of frame rate and the encoding. Progress counts denoising steps across all segments.
     """
     params = resolve_defaults(task.params, generator.model.defaults)
+    limit = generator.model.max_steps
+    if limit is not None and params["num_inference_steps"] > limit:  # an API that did not know the model let it in
+        raise InvalidParameter(f"`num_inference_steps` must be at most {limit} with {generator.model.name}, got "
+                               f"{params['num_inference_steps']}", field="num_inference_steps")
     sized = fit_image(image, params["width"], params["height"], params["sizing"])
     params["width"], params["height"] = sized.size
     task.params, task.model = params, generator.model.label

@@ -25,6 +25,8 @@ def settings(**env):
     ({"SVD_MODEL": "svd-xt-1-1"}, False, "svd-xt-1-1", "stabilityai/stable-video-diffusion-img2vid-xt-1-1", 25),
     ({"SVD_MODEL": "me/my-svd"}, True, "me/my-svd", "me/my-svd", 25),
     ({"SVD_MODEL": "svd", "VIDEO_FRAMES": "20"}, True, "svd", "stabilityai/stable-video-diffusion-img2vid", 20),
+    ({"SVD_MODEL": "animatelcm-svd-xt"}, True, "animatelcm-svd-xt", "stabilityai/stable-video-diffusion-img2vid-xt",
+     25),
 ])
 def test_svd_model_names(env, gpu, name, repo, frames):
     model = describe_model(settings(**env), gpu=gpu)
@@ -82,6 +84,7 @@ def test_health_is_503_loading_until_the_model_is_ready(tmp_path, generator):
      "the model could not be downloaded: no access to the model hub"),
     ({"SVD_MODEL": "svd-xt"}, "set HF_TOKEN for gated models, or set SVD_MODEL to a local folder; this machine has "
                               "no GPU: a real model would take many minutes per video here"),
+    ({"SVD_MODEL": "animatelcm-svd-xt"}, "the model could not be downloaded: no access to the model hub"),
     ({"SVD_MODEL": "tiny", "SVD_OFFLOAD": "model"}, "SVD_OFFLOAD=model needs a CUDA device"),
     ({"SVD_MODEL": "tiny", "SVD_DEVICE": "cuda"}, "no cuda device"),
 ])
@@ -106,6 +109,9 @@ class RaisesOomOnce:
 
     def __init__(self, pipe):
         self.pipe, self.calls = pipe, 0
+
+    def __getattr__(self, name):  # its scheduler, its components: the real pipeline's
+        return getattr(self.pipe, name)
 
     def __call__(self, *args, **kwargs):
         self.calls += 1
