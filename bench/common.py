@@ -120,9 +120,9 @@ def rss_bytes(pid: int) -> int:
     raise RuntimeError("no VmRSS")
 
 
-def tiny_model(folder: Path) -> Path:
+def tiny_model(folder: Path, animatelcm: bool = False) -> Path:
     from pipeline import save_tiny_pipeline
 
-    path = folder / "tiny-svd"
-    save_tiny_pipeline(path)
+    path = folder / ("tiny-animatelcm" if animatelcm else "tiny-svd")
+    save_tiny_pipeline(path, animatelcm=animatelcm)
     return path

@@ -176,12 +176,22 @@ def block_flops(width: int = 1024, height: int = 576, frames: int = FRAMES_AT_AN
     return parts
 
 
+def _outer_blocks(parts: dict[str, float]) -> tuple[list[str], list[str]]:
+    return (sorted(k for k in parts if k.startswith("down_blocks.")),
+            sorted(k for k in parts if k.startswith("up_blocks.")))
+
+
+def cached_step_flops(parts: dict[str, float]) -> float:
+    """FLOPs of a step that reuses the deep blocks' output: all but the blocks it skips."""
+    down, up = _outer_blocks(parts)
+    return parts["total"] - sum(parts[k] for k in down[1:] + ["mid_block"] + up[:-1])
+
+
 def projection(parts: dict[str, float]) -> str:
-    down = sorted(k for k in parts if k.startswith("down_blocks."))
-    up = sorted(k for k in parts if k.startswith("up_blocks."))
+    down, up = _outer_blocks(parts)
     shallow = parts[down[0]] + parts[up[-1]]
     full, vae = parts["total"], parts["vae_decode"]
-    kept = full - sum(parts[k] for k in down[1:] + ["mid_block"] + up[:-1])  # what a cached step still computes
+    kept = cached_step_flops(parts)
     rows = [["one UNet call (batch 2)", f"{full / 1e12:.1f}", "100 %"],
             [f"{down[0]} + {up[-1]} (never skipped)", f"{shallow / 1e12:.1f}", f"{100 * shallow / full:.0f} %"],
             ["a cached step (all that is not skipped)", f"{kept / 1e12:.1f}", f"{100 * kept / full:.0f} %"],

@@ -4,6 +4,9 @@ encoding, for the default settings and for each speed or memory option the servi
     python bench/gpu_stages.py --model svd-xt            # on a CUDA machine: the real thing
     python bench/gpu_stages.py --model tiny --smoke      # anywhere: checks the script runs
 
+The AnimateLCM rows load `animatelcm-svd-xt` beside a real model, and a tiny random-weight folder with its
+sampler beside `tiny`.
+
 Options that need CUDA (offload modes) are reported as skipped elsewhere; torch.compile is skipped in
 --smoke (its first call compiles for minutes).
 """
@@ -12,25 +15,31 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
-from common import table
+from common import table, tiny_model
 
 from config import load_settings
 from encoders import encode_video
 from params import parse_params, resolve_defaults
-from pipeline import load_generator
+from pipeline import ANIMATELCM, REPOS, load_generator
 
 ANCHORS = ("Published anchors for SVD-XT, 25 frames at 1024x576, 25 steps: about 51 s on an A100 in plain "
            "diffusers fp16; about 22.6 s on an H100 PCIe with TensorRT; a compute floor of about 4,170 TFLOP "
            "per video.")
 
 
-def configurations(smoke: bool) -> list[tuple[str, dict, dict]]:
-    """(name, settings overrides, request overrides)."""
+def configurations(smoke: bool, animatelcm: str) -> list[tuple[str, dict, dict]]:
+    """(name, settings overrides, request overrides). `animatelcm`: the SVD_MODEL of the AnimateLCM rows."""
     configs = [("default", {}, {}), ("SVD_FORWARD_CHUNKING=true", {"SVD_FORWARD_CHUNKING": "true"}, {})]
     configs += [(f"decode_chunk_size={n}", {}, {"decode_chunk_size": str(n)}) for n in (1, 4, 16)]
     configs += [(f"cache_interval={n}", {}, {"cache_interval": str(n)}) for n in (2, 3)]
+    steps = {"num_inference_steps": "4"} if smoke else {}  # its own default, 4, outside --smoke
+    configs += [("animatelcm-svd-xt, 4 steps, guidance to 1.2", {"SVD_MODEL": animatelcm}, steps),
+                ("animatelcm-svd-xt, 4 steps, max_guidance_scale=1", {"SVD_MODEL": animatelcm},
+                 {**steps, "max_guidance_scale": "1"})]
     configs += [("SVD_OFFLOAD=model", {"SVD_OFFLOAD": "model"}, {}),
                 ("SVD_OFFLOAD=sequential", {"SVD_OFFLOAD": "sequential"}, {})]
     if not smoke:
@@ -117,11 +126,15 @@ def main() -> None:
     image = Image.linear_gradient("L").convert("RGB").resize((1024, 576))
     request = {"seed": "1", "num_inference_steps": "2", "width": "64", "height": "64"} if args.smoke else {"seed": "1"}
     base_env = {"SVD_MODEL": args.model}
+    # The AnimateLCM rows: the real model beside a real one; beside random weights, random weights sampled as it is.
+    real = args.model in REPOS or args.model == ANIMATELCM
+    animatelcm = ANIMATELCM if real else str(tiny_model(Path(tempfile.mkdtemp(prefix="bench-stages-")), True))
     rows = [measure(name, env, {**request, **extra}, base_env, image, 1 if args.smoke else args.repeats)
-            for name, env, extra in configurations(args.smoke)]
+            for name, env, extra in configurations(args.smoke, animatelcm)]
     header = ["configuration", "image encoding", "denoising", "VAE decoding", "video encoding", "total",
               "peak GPU memory", "share: image / denoise / decode / encode"]
-    what = "64x64, 14 frames, 2 steps" if args.smoke else "the model's own defaults (svd-xt: 1024x576, 25 frames, 25 steps)"
+    what = ("64x64, 14 frames, 2 steps (animatelcm: 4)" if args.smoke
+            else "the model's own defaults (svd-xt: 1024x576, 25 frames, 25 steps; animatelcm-svd-xt: 4 steps)")
     print(f"Model `{args.model}`, {what}; median of {args.repeats} after a warm-up.\n\n{table(header, rows)}\n\n{ANCHORS}")
 
 

@@ -13,7 +13,8 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffusers", "encoding.py", []),
               ("Load", "load.py", []), ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")]),
               ("Hostile clients", "hostile.py", []), ("Post-steps and the result cache", "postprocess.py", []),
-              ("Full-size architecture: cache_interval", "full_size.py", []), ("Soak: lifecycle and crashes", "soak.py", [])]
+              ("Full-size architecture: cache_interval", "full_size.py", []),
+              ("AnimateLCM: UNet work per video", "animatelcm.py", []), ("Soak: lifecycle and crashes", "soak.py", [])]
 
 
 def machine() -> str:
