@@ -31,7 +31,7 @@ TINY = "tiny"
 NOISE_NOTE = "random weights: the output is noise"
 # A folder saved by save_tiny_pipeline carries this file, so the service knows its output is noise.
 TINY_MARKER = "video_diffusion.json"
-TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144}
+TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144, "max_guidance_scale": 3.0}
 SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576, "max_guidance_scale": 3.0}
 # AnimateLCM-SVD-xt (animatelcm.py): SVD-XT's parts, its distilled UNet weights, and the consistency sampler.
 ANIMATELCM = "animatelcm-svd-xt"

@@ -162,6 +162,16 @@ def test_model_defaults_and_limits_are_the_models(lcm_app, lcm_dir):
     assert "the model default, 1.2" in above.json["error"]["message"]
 
 
+def test_svds_own_defaults_and_limits_stay_as_they_were(client):
+    params = {p["name"]: p for p in client.get("/params").json["params"]}
+    assert (params["num_inference_steps"]["effective_default"], params["num_inference_steps"]["maximum"]) == (8, 100)
+    assert params["max_guidance_scale"]["effective_default"] == 3.0
+    above = client.post("/generate", data=upload(image_bytes(), **TINY_REQUEST, min_guidance_scale=3.5))
+    assert above.status_code == 422 and "the model default, 3.0" in above.json["error"]["message"]
+    assert client.post("/generate", data=upload(image_bytes(), **TINY_REQUEST, min_guidance_scale=2.5,
+                                                num_inference_steps=1)).status_code == 200
+
+
 def test_unet_runs_once_per_step_batch_2_with_guidance_1_without(lcm_app, lcm_generator):
     client = lcm_app.test_client()
     calls = UNetCalls(lcm_generator.pipe.unet)
