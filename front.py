@@ -21,7 +21,7 @@ from concurrent import futures
 from dataclasses import dataclass, field
 from functools import partial
 
-from gunicorn.workers.gthread import ThreadWorker
+from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from config import load_settings
 
@@ -30,6 +30,8 @@ IDLE_LIMIT = 15.0  # seconds a request may go without a byte (REQUEST_TIMEOUT bo
 SEND_TIMEOUT = 30  # seconds a response may wait on a client that does not read it
 PROBE_PATHS = (b"/health", b"/livez", b"/metrics")
 PROBE_THREADS = 2
+LINGER_SECONDS = 2.0  # how long a closed connection waits for the client's own close, as gunicorn's graceful close
+LINGER_BYTES = 64 * 1024  # and how much of what the client still sends it reads meanwhile
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
 _CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:.*chunked", re.I | re.M)
 _CODES = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 413: "payload_too_large",
@@ -83,6 +85,20 @@ class _Captured:
     sendall = send
 
 
+class _Conn(TConn):
+    """gunicorn's connection, whose graceful close lingers in the worker's event loop without blocking it."""
+
+    def __init__(self, worker, *args):
+        super().__init__(*args)
+        self.worker = worker
+
+    def close(self, graceful=False):
+        if graceful and not self.cfg.is_ssl:
+            self.worker.linger(self.sock)
+        else:
+            super().close(graceful)
+
+
 class FrontWorker(ThreadWorker):
     """`worker_class = "front.FrontWorker"` in gunicorn.conf.py."""
 
@@ -95,10 +111,23 @@ class FrontWorker(ThreadWorker):
         self.buffer_budget = max(4 * self.body_limit, 64 * 1024 * 1024)
         self.buffered = 0
         self.incoming: dict[object, _Incoming] = {}
+        self.lingering: dict[socket.socket, list] = {}  # socket -> [deadline, bytes read]
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
         super().init_process()
 
     # --- receiving a request in the event loop ------------------------------------------------------
+
+    def accept(self, listener):
+        """gunicorn's accept, with a connection that closes without blocking the loop (`_Conn`)."""
+        try:
+            sock, address = listener.accept()
+        except OSError as error:
+            if error.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED):
+                return
+            raise
+        self.nr_conns += 1
+        sock.setblocking(True)
+        self.enqueue_req(_Conn(self, self.cfg, sock, address, listener.getsockname()))
 
     def enqueue_req(self, conn):
         if self.cfg.is_ssl:  # TLS is a reverse proxy's job here; served as gunicorn serves it
@@ -217,10 +246,51 @@ class FrontWorker(ThreadWorker):
         except (KeyError, ValueError, OSError):
             pass  # not registered yet (complete on arrival) or already closed
 
+    # --- closing: RFC 9112 section 9.6, in the event loop ----------------------------------------------
+
+    def linger(self, sock: socket.socket) -> None:
+        """Close a connection that is not kept alive: FIN first, then read what the client still sends until it
+        closes too, so that request bytes left unread cannot make the kernel reset the answer. gunicorn does this
+        blocking, in the event loop, for up to 2 s a connection: every client that reads its answer and keeps
+        the socket open (Python's requests, after a refused upload) froze the whole worker that long. Here the
+        reading happens on readiness, and `murder_pending` closes what is still open after LINGER_SECONDS."""
+        try:
+            sock.setblocking(False)
+            sock.shutdown(socket.SHUT_WR)
+            self.poller.register(sock, selectors.EVENT_READ, self._drain)
+        except (OSError, ValueError, KeyError):
+            sock.close()
+            return
+        self.lingering[sock] = [time.monotonic() + LINGER_SECONDS, 0]
+
+    def _drain(self, sock: socket.socket) -> None:
+        try:
+            data = sock.recv(LINGER_BYTES)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        state = self.lingering.get(sock)
+        if state is not None:
+            state[1] += len(data)
+            if not data or state[1] >= LINGER_BYTES:
+                self._end_linger(sock)
+
+    def _end_linger(self, sock: socket.socket) -> None:
+        self.lingering.pop(sock, None)
+        try:
+            self.poller.unregister(sock)
+        except (KeyError, ValueError, OSError):
+            pass
+        sock.close()
+
     def murder_pending(self):
-        """Also drop requests that took too long to arrive, or went silent (408)."""
+        """Also drop requests that took too long to arrive, or went silent (408); end lingering closes."""
         super().murder_pending()
         now = time.monotonic()
+        for sock, (deadline, _read) in list(self.lingering.items()):
+            if now > deadline:
+                self._end_linger(sock)
         for conn, incoming in list(self.incoming.items()):
             if now - incoming.started > self.request_timeout or now - incoming.last > self.idle_timeout:
                 self.log.info("dropped a request from %s that did not arrive whole: %d bytes in %.1f s, "
