@@ -1,7 +1,8 @@
-"""Model choice, loading and generation: the only module that imports torch and diffusers.
+"""Model choice, loading and generation: with the model-side modules it imports (speedups.py, animatelcm.py),
+the only code that imports torch and diffusers.
 
-torch is imported inside functions so that the API process of a Redis deployment, which holds no model,
-never pays for it.
+torch and those modules are imported inside functions so that the API process of a Redis deployment, which holds
+no model, never pays for them.
 """
 
 from __future__ import annotations

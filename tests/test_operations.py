@@ -42,6 +42,8 @@ def test_metrics_count_tasks_time_them_and_report_live_state(client):
 
 def test_metrics_count_failures_by_code_and_cancellations(make_app, generator):
     class RaisesOom:
+        scheduler = None  # a pipeline's part that VideoGenerator hands the request's generator to
+
         def __call__(self, *args, **kwargs):
             raise torch.OutOfMemoryError("CUDA out of memory")
 
