@@ -125,8 +125,8 @@ def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS, *, 
     if unknown:
         raise UnknownParameter(f"unknown parameter `{unknown[0]}`; known: {', '.join(NAMES)}", field=unknown[0])
     values = {p.name: p.parse(raw[p.name]) if raw.get(p.name, "").strip() else p.default for p in params}
-    if values["min_guidance_scale"] > (values["max_guidance_scale"] or default_max_guidance):
-        given = values["max_guidance_scale"]
+    given = values["max_guidance_scale"]
+    if values["min_guidance_scale"] > (default_max_guidance if given is None else given):
         raise InvalidParameter(
             f"`min_guidance_scale` ({values['min_guidance_scale']}) must not exceed `max_guidance_scale` "
             f"({given if given is not None else f'the model default, {default_max_guidance}'})",

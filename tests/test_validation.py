@@ -47,6 +47,8 @@ def test_unknown_choice_lists_the_allowed_ones(client, name):
     ({"width": "100", "height": "64"}, "width"),  # not a multiple of 8
     ({"width": "128"}, "height"),  # width without height
     ({"min_guidance_scale": "5", "max_guidance_scale": "2"}, "min_guidance_scale"),
+    ({"min_guidance_scale": "0.5", "max_guidance_scale": "0"}, "min_guidance_scale"),  # 0 is given, not missing
+    ({"min_guidance_scale": "3.5"}, "min_guidance_scale"),  # above the model's default maximum, 3.0
     ({"sizing": "source", "width": "128", "height": "128"}, "width"),
     ({"noise_aug_strength": "nan"}, "noise_aug_strength"),
 ])
