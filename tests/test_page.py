@@ -80,7 +80,9 @@ def test_generate_watch_progress_play_and_download(page, picture):
 
     video = page.locator("#result-media video")
     expect(video).to_be_visible()
-    page.wait_for_function("document.querySelector('#result-media video').readyState >= 1")
+    # Function form: a string expression is evaluated with eval() in the page once the first check fails, and the
+    # page's CSP (no 'unsafe-eval') refuses it; passing depended on the condition being true at once.
+    page.wait_for_function("() => document.querySelector('#result-media video').readyState >= 1")
     assert page.eval_on_selector("#result-media video", "v => v.duration") > 0
     expect(page.locator("#result-info")).to_contain_text("Seed 99")
     expect(page.locator("#cancel")).to_be_hidden()
@@ -164,7 +166,7 @@ def test_keyboard_can_reach_the_image_picker_and_generate(page):
             break
     assert page.evaluate("document.activeElement.id") == "drop"
     page.keyboard.press("Enter")
-    page.wait_for_function("window.pickerOpened === true")
+    page.wait_for_function("() => window.pickerOpened === true")
     for _ in range(30):
         page.keyboard.press("Tab")
         if page.evaluate("document.activeElement.id") == "generate":
@@ -260,7 +262,7 @@ def test_history_keeps_a_thumbnail_and_reuses_every_setting(page, picture):
     page.click("#generate")
     expect(page.locator("#result-media video")).to_be_visible(timeout=60_000)
     expect(page.locator("#result-input")).to_be_visible()  # before and after, side by side
-    page.wait_for_function("document.querySelector('#recent li img.thumb').src.startsWith('data:image/jpeg')")
+    page.wait_for_function("() => document.querySelector('#recent li img.thumb').src.startsWith('data:image/jpeg')")
     page.reload()
     expect(page.locator("#recent li")).to_have_count(1)
     assert page.get_attribute("#recent li img.thumb", "src").startswith("data:image/jpeg")
@@ -276,7 +278,7 @@ def test_use_the_last_frame_as_the_next_input(page, picture):
     fill(page, num_frames=14, width=64, height=64, num_inference_steps=2)
     page.click("#generate")
     expect(page.locator("#result-media video")).to_be_visible(timeout=60_000)
-    page.wait_for_function("document.querySelector('#result-media video').readyState >= 2")
+    page.wait_for_function("() => document.querySelector('#result-media video').readyState >= 2")
     page.click("#use-as-input")
     expect(page.locator("#drop-help")).to_contain_text("last-frame.png")
     size = page.evaluate("""() => new Promise((resolve) => { const image = new Image();
