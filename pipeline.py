@@ -40,6 +40,7 @@ ANIMATELCM_WEIGHTS = ("wangfuyun/AnimateLCM-SVD-xt", "AnimateLCM-SVD-xt-1.1.safe
 # The authors' recommended sampling: 4 steps, guidance from 1 at the first frame to 1.2 at the last.
 CONSISTENCY_DEFAULTS = {"num_inference_steps": 4, "max_guidance_scale": 1.2}
 CONSISTENCY_SCHEDULER = "AnimateLCMScheduler"  # a folder whose scheduler is this samples as AnimateLCM does
+ANIMATELCM_LEVELS = 40  # noise levels of the published AnimateLCM-SVD-xt sampler: the most steps it takes
 
 # progress(phase, step, total): called as generation moves on; may raise to stop it.
 Progress = Callable[[str, int, int], None]
@@ -78,15 +79,15 @@ def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
         defaults, noise = dict(SVD_DEFAULTS, num_frames=frames), False
     elif name == ANIMATELCM:
         source, noise, weights = REPOS["svd-xt"][0], False, ANIMATELCM_WEIGHTS
-        defaults, levels = dict(SVD_DEFAULTS), _consistency_levels({})
+        defaults, levels = dict(SVD_DEFAULTS), ANIMATELCM_LEVELS
     elif (Path(name) / TINY_MARKER).is_file():
         defaults = json.loads((Path(name) / TINY_MARKER).read_text())["defaults"]
-        levels = _consistency_levels(_scheduler_config(Path(name)))
+        levels = _consistency_levels(Path(name))
         source, noise, name = name, True, TINY if levels is None else f"{TINY}-animatelcm"
     else:
         defaults, source, noise = dict(SVD_DEFAULTS), name, False
         if Path(name).is_dir():  # public answers name the folder, not where it is
-            levels = _consistency_levels(_scheduler_config(Path(name)))
+            levels = _consistency_levels(Path(name))
             name = Path(name).name
     if levels is not None:
         defaults.update(CONSISTENCY_DEFAULTS, num_inference_steps=min(CONSISTENCY_DEFAULTS["num_inference_steps"],
@@ -99,19 +100,16 @@ def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
                      unet_weights=weights)
 
 
-def _scheduler_config(folder: Path) -> dict:
+def _consistency_levels(folder: Path) -> int | None:
+    """How many noise levels the AnimateLCM scheduler a model folder names steps through (the most steps a request
+    may ask for); None when its scheduler is another one, or the folder names none."""
     try:
-        return json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError):
-        return {}
-
-
-def _consistency_levels(config: dict) -> int | None:
-    """How many noise levels an AnimateLCM scheduler config steps through (the most steps a request may ask
-    for); None for any other scheduler. `{}` stands for the published AnimateLCM-SVD-xt config."""
-    if config and config.get("_class_name") != CONSISTENCY_SCHEDULER:
         return None
-    return int(config.get("num_train_timesteps", 40))
+    if not isinstance(config, dict) or config.get("_class_name") != CONSISTENCY_SCHEDULER:
+        return None
+    return int(config.get("num_train_timesteps", ANIMATELCM_LEVELS))
 
 
 def build_tiny_pipeline():

@@ -39,6 +39,9 @@ def test_a_local_folder_is_named_by_its_own_name_not_its_path(tmp_path):
     folder.mkdir()
     model = describe_model(load_settings({"SVD_MODEL": str(folder)}, dotenv_path=None), gpu=True)
     assert (model.name, model.source, model.label) == ("studio-svd-xt", str(folder), "studio-svd-xt")
+    # No scheduler config to go by: SVD's own defaults and no step limit of a consistency sampler.
+    assert (model.max_steps, model.defaults["num_inference_steps"], model.defaults["max_guidance_scale"]) == (
+        None, 25, 3.0)
 
 
 def test_video_size_settings_are_the_defaults():
