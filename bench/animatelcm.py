@@ -49,8 +49,7 @@ def count(generator, request: dict) -> dict:
         generator.generate(Image.new("RGB", (64, 64), (120, 90, 60)), params, lambda *_: None)
     finally:
         handle.remove()
-    return {"batches": batches, "cached": generator.deep_cache.cached_steps - cached_before,
-            "guidance": params["max_guidance_scale"]}
+    return {"batches": batches, "cached": generator.deep_cache.cached_steps - cached_before}
 
 
 def main() -> None:
