@@ -72,10 +72,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-class Service:
-    """The service as `make run` starts it (gunicorn, gunicorn.conf.py) on a free loopback port."""
+class CacheHit(RuntimeError):
+    """A timed request was answered from the result cache: the benchmark would time a look-up, not a generation."""
 
-    def __init__(self, folder: Path, env: dict[str, str]):
+
+def generated(response):
+    """The response, once it is known to come from a generation (`X-Cache` absent or `miss`); else CacheHit."""
+    if response.headers.get("X-Cache", "miss") != "miss":
+        raise CacheHit(f"a timed request was answered from the result cache (X-Cache: {response.headers['X-Cache']}):"
+                       " this benchmark must time generations")
+    return response
+
+
+class Service:
+    """The service as `make run` starts it (gunicorn, gunicorn.conf.py) on a free loopback port.
+
+    The result cache is off unless asked for: a benchmark that repeats a seeded request times generations.
+    """
+
+    def __init__(self, folder: Path, env: dict[str, str], result_cache: bool = False):
         import os
         import subprocess
 
@@ -87,7 +102,8 @@ class Service:
             # From its own folder (no `.env` there), with the code importable: the defaults are what is measured.
             [sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")], cwd=folder,
             env={**os.environ, "PYTHONPATH": str(ROOT), "HOST": "127.0.0.1", "PORT": str(self.port), "VIDEO_OUTPUT_PATH": str(self.output),
-                 "MALLOC_ARENA_MAX": "2", **env},  # as `make run` and the image set it
+                 "MALLOC_ARENA_MAX": "2",  # as `make run` and the image set it
+                 "RESULT_CACHE": str(result_cache).lower(), **env},
             stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120) -> None:
@@ -111,6 +127,14 @@ class Service:
     def stop(self) -> None:
         self.process.terminate()
         self.process.wait(60)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used (/proc/<pid>/stat, fields 14 and 15)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_bytes(pid: int) -> int:

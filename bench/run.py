@@ -29,6 +29,16 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
+def commit() -> str:
+    """The commit the benchmarks run on, marked when the working tree differs from it."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=HERE.parent, capture_output=True, text=True,
+                              check=False).stdout.strip()
+
+    sha = git("rev-parse", "--short", "HEAD") or "unknown"
+    return sha + (" with uncommitted changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+
+
 def _sections(text: str) -> dict[str, str]:
     """BENCHMARKS.md's `## ` sections by title."""
     parts = text.split("\n## ")[1:]
@@ -40,10 +50,11 @@ def main() -> None:
     chosen = sys.argv[1:]
     path = HERE.parent / "BENCHMARKS.md"
     sections = _sections(path.read_text()) if path.exists() else {}
-    header = (f"# Benchmarks\n\nWritten by `make bench` (`python bench/run.py [script ...]`); this header on "
-              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, each section says when it ran.\n\n"
-              f"Machine: {machine()}.\n\nShared, noisy machines: every goal is a ratio of two things measured side "
-              "by side in the same run, with medians over repeated runs.\n")
+    header = ("# Benchmarks\n\nWritten by `make bench` (`python bench/run.py [script ...]`), which rewrites only the "
+              "sections it runs: each section says the date, the commit and the machine it ran on.\n\n"
+              "Shared, noisy machines: every goal is a ratio of two things measured side by side in the same run, "
+              "with medians over repeated runs.\n")
+    ran_on = f"{commit()} (machine: {machine()})"
     for title, script, extra in BENCHMARKS:
         if chosen and script not in chosen:
             continue
@@ -52,8 +63,9 @@ def main() -> None:
         result = subprocess.run([sys.executable, str(HERE / script), *extra], capture_output=True, text=True,
                                 check=False)
         output = result.stdout.strip() if result.returncode == 0 else f"Failed:\n\n```\n{result.stderr[-3000:]}\n```"
-        sections[title] = (f"## {title}\n\nCommand: `{' '.join(command)}` ({time.monotonic() - started:.0f} s, "
-                           f"{time.strftime('%Y-%m-%d', time.gmtime())})\n\n{output}\n")
+        sections[title] = (f"## {title}\n\nCommand: `{' '.join(command)}` ({time.monotonic() - started:.0f} s)\n\n"
+                           f"Ran {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} on commit {ran_on}.\n\n"
+                           f"{output}\n")
         print(f"{title}: done", file=sys.stderr)
     order = [title for title, _, _ in BENCHMARKS]
     ordered = sorted(sections, key=lambda t: order.index(t) if t in order else len(order))

@@ -5,6 +5,7 @@ The scripts run two at a time (each mostly waits on its own subprocesses), and e
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -13,14 +14,15 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SMALL, image_bytes, upload
 
 pytestmark = pytest.mark.slow
 
 SCRIPTS = [
     ("encoding.py", [], ["ours mp4 (H.264)", "diffusers export_to_video", "GIF size vs export_to_gif"]),
-    ("overhead.py", [], ["HTTP / bare", "| bare |", "| http |"]),
-    ("load.py", [], ["errors | 0 |", "first come, first served | yes", "/health latency"]),
+    ("overhead.py", [], ["HTTP / bare", "| bare |", "| http |", "every HTTP answer `X-Cache: miss`"]),
+    ("load.py", [], ["errors | 0 |", "first come, first served | yes", "/health latency", "load generator CPU",
+                     "every submission `X-Cache: miss`", "more generations"]),
     ("gpu_stages.py", ["--model", "tiny"], ["| default |", "SVD_OFFLOAD=model | skipped", "decode_chunk_size=4",
                                             "cache_interval=3",
                                             re.compile(r"\| animatelcm-svd-xt, 4 steps, max_guidance_scale=1 \| [\d.]+ s \|")]),
@@ -58,3 +60,30 @@ def test_benchmark_runs(smoke_runs, script, extra, needles):
     assert code == 0, stderr[-3000:]
     for needle in needles:  # a string, or a pattern where a number varies
         assert needle.search(stdout) if isinstance(needle, re.Pattern) else needle in stdout, stdout
+
+
+def _bench_common():
+    spec = importlib.util.spec_from_file_location("bench_common", ROOT / "bench" / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_timed_request_answered_from_the_cache_fails_the_benchmark(make_app):
+    """The check every timed benchmark request passes through: a real hit from the service is refused."""
+    common = _bench_common()
+    client = make_app().test_client()  # the result cache is on, as a user runs it
+    first = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=31))
+    repeat = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=31))
+    assert common.generated(first) is first
+    with pytest.raises(common.CacheHit, match="X-Cache: hit"):
+        common.generated(repeat)
+
+
+
+def test_every_benchmarks_section_says_when_and_on_which_commit_it_ran():
+    sections = (ROOT / "BENCHMARKS.md").read_text().split("\n## ")[1:]
+    assert len(sections) >= 8
+    for section in sections:
+        title = section.split("\n", 1)[0]
+        assert re.search(r"^Ran \d{4}-\d{2}-\d{2}\b.*\bcommit [0-9a-f]{7,}", section, re.M), title
