@@ -155,12 +155,14 @@ def report(clients, per_client, total, one_by_one: Phase, together: Phase, error
             ["service order first come, first served", "yes" if in_order else "no", "yes"],
             ["sequential", f"{total} in {one_by_one.wall:.1f} s ({total / one_by_one.wall:.2f}/s)", ""],
             ["concurrent", f"{total} in {together.wall:.1f} s ({total / together.wall:.2f}/s)", ""],
-            ["throughput concurrent / sequential", f"{ratio:.2f}", "≥ 0.95"],
+            ["throughput concurrent / sequential", f"{ratio:.3f}", "≥ 0.95"],
             ["load generator CPU: sequential / concurrent", f"{one_by_one.client_cpu:.1f} s / "
              f"{together.client_cpu:.1f} s ({100 * one_by_one.client_cpu / one_by_one.wall / cores:.1f} % / "
              f"{100 * together.client_cpu / together.wall / cores:.1f} % of {cores} cores)", ""],
             ["service worker CPU per request: sequential / concurrent",
              f"{one_by_one.worker_cpu / total:.2f} s / {together.worker_cpu / total:.2f} s", ""],
+            ["service worker's cores busy: sequential / concurrent",
+             f"{one_by_one.worker_cpu / one_by_one.wall:.2f} / {together.worker_cpu / together.wall:.2f} of {cores}", ""],
             ["gap the load generator's extra CPU accounts for", f"{100 * explained:.1f} % of the sequential time "
              f"(gap: {100 * (together.wall / one_by_one.wall - 1):+.1f} %)", ""],
             ["/health latency during the concurrent run", f"p50 {1000 * statistics.median(latencies):.1f} ms, "
