@@ -25,6 +25,7 @@ COPY requirements.txt .
 RUN pip install torch==2.13.0 && pip install -r requirements.txt
 
 COPY *.py ./
+COPY video_diffusion/ ./video_diffusion/
 COPY static/ ./static/
 USER 10001
 EXPOSE 5013

@@ -3,54 +3,14 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, make_dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
 
-# Defaults. Edit them here to change every deployment that does not override them
-# (precedence: environment, then `.env`, then these values).
-SVD_MODEL = None  # None: svd-xt when a GPU is found, else the tiny random-weight pipeline
-SVD_DEVICE = "auto"
-SVD_DTYPE = "auto"
-SVD_OFFLOAD = "none"
-SVD_FORWARD_CHUNKING = False
-SVD_COMPILE = False
-SVD_CACHE_INTERVAL = 1
-CUDA_VISIBLE_DEVICES = None
-VIDEO_WIDTH = None  # None: the model's own (1024x576 for SVD, 256x144 for tiny)
-VIDEO_HEIGHT = None
-VIDEO_FRAMES = None  # None: the model's own (svd 14, svd-xt 25, tiny 14)
-VIDEO_OUTPUT_PATH = "./data/videos"
-RESULT_TTL = 86400
-HOST = "0.0.0.0"
-PORT = 5013
-MAX_UPLOAD_MB = 20
-MAX_IMAGE_PIXELS = 40_000_000
-MAX_QUEUE = 8
-MAX_EVENT_STREAMS = 16
-REQUEST_TIMEOUT = 60
-GENERATE_MODE = "sync"
-JOB_TIMEOUT = 1800
-QUEUE_TIMEOUT = 3600
-SYNC_TIMEOUT = 600
-MAX_DIMENSION = 2048
-MAX_STEPS = 100
-MAX_OUTPUT_FRAMES = 600
-RESULT_CACHE = True
-WORKER_TTL = 30
-WORKER_METRICS_PORT = 9101
-API_KEY = None
-WEBHOOK_ALLOW = None
-WEBHOOK_SECRET = None
-METRICS_PUBLIC = False
-CORS_ORIGINS = None
-TRUSTED_PROXIES = 0
-LOG_FORMAT = "text"
-REDIS_URL = None
-REDIS_HOST = None
-REDIS_PORT = 6379
-LOG_LEVEL = "info"
+
+# Pillow refuses to open an image past twice its MAX_IMAGE_PIXELS default (89478485), whatever the caller allows.
+PILLOW_HARD_LIMIT = 2 * 89_478_485
 
 
 class ConfigError(ValueError):
@@ -94,7 +54,7 @@ def _list(value: str) -> tuple[str, ...]:
 
 
 def _allow_list(value: str) -> tuple[str, ...]:
-    from webhooks import parse_allow
+    from video_diffusion.delivery.webhooks import parse_allow
 
     entries = _list(value)
     parse_allow(entries)  # ValueError names the entry
@@ -102,7 +62,7 @@ def _allow_list(value: str) -> tuple[str, ...]:
 
 
 def _webhook_secret(value: str) -> str:
-    from webhooks import parse_secret
+    from video_diffusion.delivery.webhooks import parse_secret
 
     return parse_secret(value)
 
@@ -118,100 +78,103 @@ def _bool(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Variable:
-    """One setting: its name (and the module-level default of that name above), parser and help."""
+    """One setting as the environment names it: its variable, default, parser and help (README's table)."""
 
     name: str
+    default: Any
     parse: Callable[[str], Any]
     help: str
-
-    @property
-    def default(self) -> Any:
-        return globals()[self.name]
+    secret: bool = False  # never shown: not in a repr, not in an error message
 
 
-VARIABLES = (
-    Variable("SVD_MODEL", _optional_text,
-             "`svd`, `svd-xt`, `svd-xt-1-1`, `animatelcm-svd-xt` (4 steps), any Hugging Face repo id, a local "
-             "diffusers folder, or `tiny` (random weights, output is noise). Unset: `svd-xt` when a GPU is found, "
-             "else `tiny`."),
-    Variable("SVD_DEVICE", _choice("auto", "cuda", "mps", "cpu"),
-             "`auto` picks cuda, then mps, then cpu."),
-    Variable("SVD_DTYPE", _choice("auto", "float16", "bfloat16", "float32"),
-             "`auto`: float16 (fp16 weights) on cuda, float32 elsewhere."),
-    Variable("SVD_OFFLOAD", _choice("none", "model", "sequential"),
-             "CPU offload for small cards (cuda only): `model` moves whole models, `sequential` layers."),
-    Variable("SVD_FORWARD_CHUNKING", _bool,
-             "Chunk the UNet's feed-forward layers: less memory, a little slower."),
-    Variable("SVD_COMPILE", _bool,
-             "torch.compile the UNet's blocks, with a warm-up at the default size during start-up (`/health` "
-             "answers 503 `warming_up` until it is done; other sizes compile again on their first request)."),
-    Variable("SVD_CACHE_INTERVAL", _int(1, 5), "Default `cache_interval`: 1 computes every step in full."),
-    Variable("CUDA_VISIBLE_DEVICES", _optional_text,
-             "Which GPU(s) the process sees (read by CUDA; set it before the model loads)."),
-    Variable("VIDEO_WIDTH", _int(64, 2048, optional=True),
-             "Default `width` (the model's own when unset: 1024, tiny 256)."),
-    Variable("VIDEO_HEIGHT", _int(64, 2048, optional=True),
-             "Default `height` (the model's own when unset: 576, tiny 144)."),
-    Variable("VIDEO_FRAMES", _int(14, 30, optional=True),
-             "Default `num_frames` (the model's own when unset: svd 14, svd-xt 25, tiny 14)."),
-    Variable("VIDEO_OUTPUT_PATH", _text,
-             "Where task records, inputs and videos are written (`/data/videos` in the image)."),
-    Variable("RESULT_TTL", _int(1), "Seconds a finished video stays downloadable."),
-    Variable("HOST", _text, "Address `make run` binds."),
-    Variable("PORT", _int(1, 65535), "Port `make run` binds."),
-    Variable("MAX_UPLOAD_MB", _int(1, 1024), "Largest request body, in MiB (413 beyond)."),
-    Variable("MAX_IMAGE_PIXELS", _int(4096),
-             "Largest input image, width x height (413 beyond); also Pillow's decompression-bomb limit."),
-    Variable("MAX_QUEUE", _int(1, 100000),
-             "Requests that may wait behind the running one; more get 503 at once (at least 1)."),
-    Variable("MAX_EVENT_STREAMS", _int(1, 1000),
-             "`/status/{id}/events` streams open at once; more get 503 (the web page then polls)."),
-    Variable("REQUEST_TIMEOUT", _int(1, 3600),
-             "Seconds a client has to send a whole request (and at most 15 of them without a byte); then 408."),
-    Variable("MAX_DIMENSION", _int(64, 2048),
-             "Largest `width`/`height` (and `sizing=source` side) accepted: a cap for small cards."),
-    Variable("MAX_STEPS", _int(1, 100), "Largest `num_inference_steps` accepted."),
-    Variable("MAX_OUTPUT_FRAMES", _int(14, 100000),
-             "Most frames one video may have after `segments`, `loop` and `output_fps` (422 beyond): bounds "
-             "the work, memory (frames x width x height x 3 bytes) and file size of one request."),
-    Variable("RESULT_CACHE", _bool,
-             "Answer a repeat of a request that names its `seed` (same image pixels, parameters and model) "
-             "from the earlier video while it is kept, with `X-Cache: hit`."),
-    Variable("GENERATE_MODE", _choice("sync", "async"),
-             "What `POST /generate` does without a `Prefer` header."),
-    Variable("JOB_TIMEOUT", _int(1),
-             "Seconds one generation may run; it then stops at its next step and fails with `timeout`."),
-    Variable("QUEUE_TIMEOUT", _int(1),
-             "Seconds a task may wait in line; after that it fails with `queue_timeout` and never runs."),
-    Variable("SYNC_TIMEOUT", _int(1),
-             "Seconds a synchronous request waits; then 504 with the task id, and the task goes on."),
-    Variable("REDIS_URL", _optional_text, "Redis for scale-out, e.g. `redis://redis:6379/0`."),
-    Variable("REDIS_HOST", _optional_text, "Redis host (seed form; `REDIS_URL` wins)."),
-    Variable("REDIS_PORT", _int(1, 65535), "Redis port, with `REDIS_HOST`."),
-    Variable("WORKER_TTL", _int(3, 3600),
-             "Redis mode: seconds after which a silent worker counts as gone and its task fails `abandoned`."),
-    Variable("WORKER_METRICS_PORT", _int(0, 65535),
-             "Redis mode: port each worker serves its Prometheus metrics on (0: off)."),
-    Variable("API_KEY", _list,
-             "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
-             "`Authorization: Bearer <key>` or `X-API-Key: <key>`."),
-    Variable("WEBHOOK_ALLOW", _allow_list,
-             "Comma-separated hosts (`host`, `host:port`, `[v6]:port`) that `webhook` URLs may name; unset: "
-             "webhooks are refused. A name that resolves to a loopback, private or link-local address is called "
-             "only if that address is listed too."),
-    Variable("WEBHOOK_SECRET", _webhook_secret,
-             "`whsec_<base64 key>`: webhook deliveries are signed (Standard Webhooks); unset: unsigned."),
-    Variable("METRICS_PUBLIC", _bool, "Serve `/metrics` without the API key."),
-    Variable("CORS_ORIGINS", _list,
-             "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none."),
-    Variable("TRUSTED_PROXIES", _int(0, 10),
-             "Reverse proxies in front: trust that many hops of `X-Forwarded-*` (0: ignore them)."),
-    Variable("LOG_LEVEL", _choice("debug", "info", "warning", "error"), "Log verbosity."),
-    Variable("LOG_FORMAT", _choice("text", "json"), "`json` for one JSON object per log line."),
-)
+def _setting(default: Any, parse: Callable[[str], Any], help: str, secret: bool = False) -> Any:
+    return field(default=default, repr=not secret, metadata={"parse": parse, "help": help, "secret": secret})
 
 
-class _SettingsBase:
+@dataclass(frozen=True)
+class Settings:
+    """Every setting, typed, with its default, parser and help; each field is the variable of its upper-cased name
+    (precedence: environment, then `.env`, then the default here: edit a default to change every deployment that
+    does not override it)."""
+
+    svd_model: str | None = _setting(None, _optional_text,
+        "`svd`, `svd-xt`, `svd-xt-1-1`, `animatelcm-svd-xt` (4 steps), any Hugging Face repo id, a local "
+        "diffusers folder, or `tiny` (random weights, output is noise). Unset: `svd-xt` when a GPU is found, "
+        "else `tiny`.")
+    svd_device: str = _setting("auto", _choice("auto", "cuda", "mps", "cpu"), "`auto` picks cuda, then mps, then cpu.")
+    svd_dtype: str = _setting("auto", _choice("auto", "float16", "bfloat16", "float32"),
+        "`auto`: float16 (fp16 weights) on cuda, float32 elsewhere.")
+    svd_offload: str = _setting("none", _choice("none", "model", "sequential"),
+        "CPU offload for small cards (cuda only): `model` moves whole models, `sequential` layers.")
+    svd_forward_chunking: bool = _setting(False, _bool,
+        "Chunk the UNet's feed-forward layers: less memory, a little slower.")
+    svd_compile: bool = _setting(False, _bool,
+        "torch.compile the UNet's blocks, with a warm-up at the default size during start-up (`/health` "
+        "answers 503 `warming_up` until it is done; other sizes compile again on their first request).")
+    svd_cache_interval: int = _setting(1, _int(1, 5), "Default `cache_interval`: 1 computes every step in full.")
+    cuda_visible_devices: str | None = _setting(None, _optional_text,
+        "Which GPU(s) the process sees (read by CUDA; set it before the model loads).")
+    video_width: int | None = _setting(None, _int(64, 2048, optional=True),
+        "Default `width` (the model's own when unset: 1024, tiny 256).")
+    video_height: int | None = _setting(None, _int(64, 2048, optional=True),
+        "Default `height` (the model's own when unset: 576, tiny 144).")
+    video_frames: int | None = _setting(None, _int(14, 30, optional=True),
+        "Default `num_frames` (the model's own when unset: svd 14, svd-xt 25, tiny 14).")
+    video_output_path: str = _setting("./data/videos", _text,
+        "Where task records, inputs and videos are written (`/data/videos` in the image).")
+    result_ttl: int = _setting(86400, _int(1), "Seconds a finished video stays downloadable.")
+    host: str = _setting("0.0.0.0", _text, "Address `make run` binds.")
+    port: int = _setting(5013, _int(1, 65535), "Port `make run` binds.")
+    max_upload_mb: int = _setting(20, _int(1, 1024), "Largest request body, in MiB (413 beyond).")
+    max_image_pixels: int = _setting(40_000_000, _int(4096, PILLOW_HARD_LIMIT),
+        "Largest input image, width x height (413 beyond); at most Pillow's own hard limit, 178956970.")
+    max_queue: int = _setting(8, _int(1, 100000),
+        "Requests that may wait behind the running one; more get 503 at once (at least 1).")
+    max_event_streams: int = _setting(16, _int(1, 1000),
+        "`/status/{id}/events` streams open at once; more get 503 (the web page then polls).")
+    request_timeout: int = _setting(60, _int(1, 3600),
+        "Seconds a client has to send a whole request (and at most 15 of them without a byte); then 408.")
+    max_dimension: int = _setting(2048, _int(64, 2048),
+        "Largest `width`/`height` (and `sizing=source` side) accepted: a cap for small cards.")
+    max_steps: int = _setting(100, _int(1, 100), "Largest `num_inference_steps` accepted.")
+    max_output_frames: int = _setting(600, _int(14, 100000),
+        "Most frames one video may have after `segments`, `loop` and `output_fps` (422 beyond): bounds "
+        "the work, memory (frames x width x height x 3 bytes) and file size of one request.")
+    result_cache: bool = _setting(True, _bool,
+        "Answer a repeat of a request that names its `seed` (same image pixels, parameters and model) "
+        "from the earlier video while it is kept, with `X-Cache: hit`.")
+    generate_mode: str = _setting("sync", _choice("sync", "async"),
+        "What `POST /generate` does without a `Prefer` header.")
+    job_timeout: int = _setting(1800, _int(1),
+        "Seconds one generation may run; it then stops at its next step and fails with `timeout`.")
+    queue_timeout: int = _setting(3600, _int(1),
+        "Seconds a task may wait in line; after that it fails with `queue_timeout` and never runs.")
+    sync_timeout: int = _setting(600, _int(1),
+        "Seconds a synchronous request waits; then 504 with the task id, and the task goes on.")
+    redis_url: str | None = _setting(None, _optional_text, "Redis for scale-out, e.g. `redis://redis:6379/0`.")
+    redis_host: str | None = _setting(None, _optional_text, "Redis host (seed form; `REDIS_URL` wins).")
+    redis_port: int = _setting(6379, _int(1, 65535), "Redis port, with `REDIS_HOST`.")
+    worker_ttl: int = _setting(30, _int(3, 3600),
+        "Redis mode: seconds after which a silent worker counts as gone and its task fails `abandoned`.")
+    worker_metrics_port: int = _setting(9101, _int(0, 65535),
+        "Redis mode: port each worker serves its Prometheus metrics on (0: off).")
+    api_key: tuple[str, ...] | None = _setting(None, _list,
+        "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`.", secret=True)
+    webhook_allow: tuple[str, ...] | None = _setting(None, _allow_list,
+        "Comma-separated hosts (`host`, `host:port`, `[v6]:port`) that `webhook` URLs may name; unset: "
+        "webhooks are refused. A name that resolves to a loopback, private or link-local address is called "
+        "only if that address is listed too.")
+    webhook_secret: str | None = _setting(None, _webhook_secret,
+        "`whsec_<base64 key>`: webhook deliveries are signed (Standard Webhooks); unset: unsigned.", secret=True)
+    metrics_public: bool = _setting(False, _bool, "Serve `/metrics` without the API key.")
+    cors_origins: tuple[str, ...] | None = _setting(None, _list,
+        "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none.")
+    trusted_proxies: int = _setting(0, _int(0, 10),
+        "Reverse proxies in front: trust that many hops of `X-Forwarded-*` (0: ignore them).")
+    log_level: str = _setting("info", _choice("debug", "info", "warning", "error"), "Log verbosity.")
+    log_format: str = _setting("text", _choice("text", "json"), "`json` for one JSON object per log line.")
+
     @property
     def redis(self) -> str | None:
         """The Redis URL to use, or None for the embedded single-process mode."""
@@ -222,10 +185,9 @@ class _SettingsBase:
         return None
 
 
-# One frozen field per variable, lower-cased (settings.max_queue); the secrets never show in a repr.
-SECRETS = ("API_KEY", "WEBHOOK_SECRET")
-Settings = make_dataclass("Settings", [(v.name.lower(), Any, field(repr=v.name not in SECRETS)) for v in VARIABLES],
-                          bases=(_SettingsBase,), frozen=True)
+VARIABLES = tuple(Variable(f.name.upper(), f.default, f.metadata["parse"], f.metadata["help"], f.metadata["secret"])
+                  for f in fields(Settings))
+SECRETS = tuple(v.name for v in VARIABLES if v.secret)
 
 
 def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | None = ".env") -> Settings:
@@ -257,7 +219,6 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
         if getattr(settings, name) is not None and getattr(settings, name) % 8:
             raise ConfigError(f"{name.upper()}={getattr(settings, name)}: must be a multiple of 8")
     return settings
-
 
 
 def variables_markdown() -> str:

@@ -14,7 +14,7 @@ import sys
 import threading
 
 from config import ConfigError, load_settings
-from store import FolderInUse, probe_folder
+from video_diffusion.backends.disk_store import FolderInUse, probe_folder
 
 
 
@@ -45,7 +45,7 @@ wsgi_app = "server:create_app()"
 bind = f"{_settings.host}:{_settings.port}"
 workers = 1
 # gthread, with a front that receives each whole request before it takes a thread (front.py).
-worker_class = "front.FrontWorker"
+worker_class = "video_diffusion.web.front.FrontWorker"
 # Threads for requests already received: every waiting synchronous request and the running one, every event
 # stream, and spares for quick answers. Probes (/health, /livez, /metrics) have a pool of their own.
 threads = _settings.max_queue + 1 + _settings.max_event_streams + 4

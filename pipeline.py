@@ -1,4 +1,4 @@
-"""Model choice, loading and generation: with the model-side modules it imports (speedups.py, animatelcm.py),
+"""Model choice, loading and generation: with the model-side modules it imports (`video_diffusion/models/`),
 the only code that imports torch and diffusers.
 
 torch and those modules are imported inside functions so that the API process of a Redis deployment, which holds
@@ -10,16 +10,18 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
 from config import Settings
-from errors import OutOfMemory
+from video_diffusion.errors import OutOfMemory
+from video_diffusion.models.contract import NOISE_NOTE, ModelInfo, Progress
+from video_diffusion.params import DEFAULT_MAX_GUIDANCE
 
 log = logging.getLogger(__name__)
 
@@ -29,37 +31,19 @@ REPOS = {
     "svd-xt-1-1": ("stabilityai/stable-video-diffusion-img2vid-xt-1-1", 25),
 }
 TINY = "tiny"
-NOISE_NOTE = "random weights: the output is noise"
 # A folder saved by save_tiny_pipeline carries this file, so the service knows its output is noise.
 TINY_MARKER = "video_diffusion.json"
-TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144, "max_guidance_scale": 3.0}
-SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576, "max_guidance_scale": 3.0}
-# AnimateLCM-SVD-xt (animatelcm.py): SVD-XT's parts, its distilled UNet weights, and the consistency sampler.
+TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144,
+                 "max_guidance_scale": DEFAULT_MAX_GUIDANCE}
+SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576,
+                "max_guidance_scale": DEFAULT_MAX_GUIDANCE}
+# AnimateLCM-SVD-xt (video_diffusion/models/animatelcm.py): SVD-XT's parts, its distilled UNet weights, and the consistency sampler.
 ANIMATELCM = "animatelcm-svd-xt"
 ANIMATELCM_WEIGHTS = ("wangfuyun/AnimateLCM-SVD-xt", "AnimateLCM-SVD-xt-1.1.safetensors")
 # The authors' recommended sampling: 4 steps, guidance from 1 at the first frame to 1.2 at the last.
 CONSISTENCY_DEFAULTS = {"num_inference_steps": 4, "max_guidance_scale": 1.2}
 CONSISTENCY_SCHEDULER = "AnimateLCMScheduler"  # a folder whose scheduler is this samples as AnimateLCM does
 ANIMATELCM_LEVELS = 40  # noise levels of the published AnimateLCM-SVD-xt sampler: the most steps it takes
-
-# progress(phase, step, total): called as generation moves on; may raise to stop it.
-Progress = Callable[[str, int, int], None]
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    name: str  # how users see it: "svd-xt", "tiny", a repo id, or a local folder's own name (never its path)
-    source: str | None  # what from_pretrained loads; None builds the tiny pipeline in memory
-    noise: bool  # random weights: outputs are noise, and every user-facing place says so
-    defaults: dict[str, Any] = field(default_factory=dict)
-    max_steps: int | None = None  # a consistency sampler has a fixed number of noise levels to step through
-    unet_weights: tuple[str, str] | None = None  # (repo, file) of a UNet state dict loaded over the source's UNet
-
-    @property
-    def label(self) -> str:
-        """How the model is named to users (`X-Model`, `/health`)."""
-        return f"{self.name} ({NOISE_NOTE})" if self.noise else self.name
-
 
 def has_gpu() -> bool:
     import torch
@@ -164,7 +148,7 @@ def save_tiny_pipeline(path: str | os.PathLike, animatelcm: bool = False) -> Non
     with AnimateLCM's consistency scheduler (the UNet stays random: the scheduler is what is exercised)."""
     pipe = build_tiny_pipeline()
     if animatelcm:
-        from animatelcm import AnimateLCMScheduler
+        from video_diffusion.models.animatelcm import AnimateLCMScheduler
 
         pipe.scheduler = AnimateLCMScheduler()
     pipe.save_pretrained(path)
@@ -190,8 +174,9 @@ class VideoGenerator:
     def warm_up(self) -> None:
         """One generation at the default size, so that compiling happens now, not on a user's request. Enough
         steps for both kinds of step (full, and with the deep blocks reused) to be compiled."""
-        from params import PARAMS, resolve_defaults
         from PIL import Image
+
+        from video_diffusion.params import PARAMS, resolve_defaults
 
         params = resolve_defaults({p.name: p.default for p in PARAMS}, self.model.defaults)
         params.update(seed=0, cache_interval=self.default_cache_interval,
@@ -315,7 +300,10 @@ def load_generator(settings: Settings) -> VideoGenerator:
     _quiet_processor_warning()
     from diffusers import StableVideoDiffusionPipeline
 
-    import animatelcm  # noqa: F401 - a folder may name its scheduler; diffusers loads only modules already imported
+    # A folder may name our scheduler's module; diffusers loads only modules already imported. Folders saved before
+    # the modules moved into video_diffusion/ name it `animatelcm`.
+    from video_diffusion.models import animatelcm
+    sys.modules.setdefault("animatelcm", animatelcm)
 
     device = _pick_device(settings.svd_device)
     model = describe_model(settings, gpu=device != "cpu")
@@ -333,7 +321,7 @@ def load_generator(settings: Settings) -> VideoGenerator:
             pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16",
                                     **_animatelcm_parts(model))
             if model.unet_weights is not None:
-                from animatelcm import load_unet_weights
+                from video_diffusion.models.animatelcm import load_unet_weights
 
                 load_unet_weights(pipe.unet, *model.unet_weights)
         except Exception as exc:
@@ -355,7 +343,7 @@ def load_generator(settings: Settings) -> VideoGenerator:
         pipe.to(device)
     if settings.svd_forward_chunking:
         pipe.unet.enable_forward_chunking()
-    from speedups import DeepCache, install_cross_attention
+    from video_diffusion.models.speedups import DeepCache, install_cross_attention
 
     install_cross_attention(pipe.unet)
     if settings.svd_compile:
@@ -379,20 +367,24 @@ def compile_blocks(unet) -> None:
         block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
 
 
+def _drop_torchvision_notice(record: logging.LogRecord) -> bool:
+    return "requires torchvision" not in record.getMessage()
+
+
 def _quiet_processor_warning() -> None:
     """diffusers' SVD module imports `CLIPImageProcessor` by name, and transformers then warns that it needs
     torchvision and falls back to the Pillow processor. Pillow is the backend we choose (`assemble`; the
     pipeline resizes with Pillow anyway), so that warning, which reads like a missing dependency, says nothing true
-    here: drop exactly it, before diffusers is imported."""
-    logging.getLogger("transformers.utils.import_utils").addFilter(
-        lambda record: "requires torchvision" not in record.getMessage())
+    here: drop exactly it, before diffusers is imported. One filter however often this runs (the logger keeps a
+    filter once)."""
+    logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_notice)
 
 
 def _animatelcm_parts(model: ModelInfo) -> dict[str, Any]:
     """from_pretrained's overrides for AnimateLCM-SVD-xt: its sampler instead of the source's Euler scheduler."""
     if model.unet_weights is None:
         return {}
-    from animatelcm import AnimateLCMScheduler
+    from video_diffusion.models.animatelcm import AnimateLCMScheduler
 
     return {"scheduler": AnimateLCMScheduler()}
 

@@ -13,23 +13,23 @@ import threading
 import time
 
 from flask import Blueprint, Flask, current_app, jsonify, request, url_for
-from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-import errors
-import idempotency
-import middleware
-from backend import Backend
 from config import Settings, load_settings
-from images import decode_image, open_image, target_size
-from openapi import build_document
-from params import DEFAULT_MAX_GUIDANCE, capped, parse_params, schema
 from pipeline import describe_model
-from tasks import Task, TaskStatus, cache_key, is_task_id, new_task_id
-from telemetry import Telemetry, configure_logging
-from views import event_stream, status_response, video_response
-from webhooks import check_url, parse_allow, parse_events
+from video_diffusion import errors
+from video_diffusion.backends.contract import Backend
+from video_diffusion.clock import Clock
+from video_diffusion.delivery.webhooks import check_url, parse_allow, parse_events
+from video_diffusion.lifecycle import idempotency
+from video_diffusion.lifecycle.record import Task, TaskStatus, cache_key, is_task_id, new_task_id
+from video_diffusion.media.images import decode_image, open_image, target_size
+from video_diffusion.params import DEFAULT_MAX_GUIDANCE, capped, parse_params, schema
+from video_diffusion.telemetry import Telemetry, configure_logging
+from video_diffusion.web import middleware
+from video_diffusion.web.openapi import build_document
+from video_diffusion.web.views import event_stream, status_response, video_response
 
 log = logging.getLogger(__name__)
 api = Blueprint("api", __name__)
@@ -72,16 +72,15 @@ class Service:
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None, load=None,
-               telemetry: Telemetry | None = None) -> Flask:
-    """The Flask app. `backend`, `load` (Settings -> VideoGenerator) and `telemetry` are for tests to inject."""
+               telemetry: Telemetry | None = None, clock: Clock | None = None) -> Flask:
+    """The Flask app. `backend`, `load` (Settings -> Generator), `telemetry` and `clock` are for tests to inject."""
     settings = settings or load_settings()
     configure_logging(settings.log_level, settings.log_format)
     telemetry = telemetry or Telemetry()
     app = Flask(__name__, static_folder=None)  # the page blueprint serves the files, publicly
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)
-    Image.MAX_IMAGE_PIXELS = settings.max_image_pixels  # Pillow's decompression-bomb guard
-    backend = backend or _make_backend(settings, load, telemetry)
+    backend = backend or _make_backend(settings, load, telemetry, clock or Clock())
     backend.start()
     telemetry.watch(backend)
     if settings.trusted_proxies:
@@ -94,17 +93,17 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     return app
 
 
-def _make_backend(settings: Settings, load, telemetry: Telemetry) -> Backend:
+def _make_backend(settings: Settings, load, telemetry: Telemetry, clock: Clock) -> Backend:
     if settings.redis:
-        from redis_backend import RedisBackend  # the API of a Redis deployment holds no model
+        from video_diffusion.backends.redis_api import RedisBackend  # the API of a Redis deployment holds no model
 
-        return RedisBackend(settings, telemetry=telemetry)
-    from embedded import EmbeddedBackend
-    from store import TaskStore
+        return RedisBackend(settings, telemetry=telemetry, clock=clock)
+    from video_diffusion.backends.disk_store import DiskStore
+    from video_diffusion.backends.embedded import EmbeddedBackend
 
     if load is None:
         from pipeline import load_generator as load
-    return EmbeddedBackend(settings, TaskStore(settings.video_output_path), load, telemetry)
+    return EmbeddedBackend(settings, DiskStore(settings.video_output_path), load, telemetry, clock)
 
 
 def _service() -> Service:
@@ -136,7 +135,8 @@ def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Ta
         target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
     with service.decodes, service.telemetry.decode.time():
         image = decode_image(image, service.settings.max_dimension)
-    task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook)
+    task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook,
+                created_at=service.backend.clock.now())
     if service.settings.result_cache and generation.get("seed", "").strip():  # a drawn seed is never repeated
         task.cache_key = cache_key(image, params, service.model_key)
     task = service.backend.submit(task, image)
@@ -155,34 +155,34 @@ def _respond(service: Service, mode: str, task: Task, **headers: str):
 
 def _generate_once(service: Service, mode: str, key: str):
     """`POST /generate` with an Idempotency-Key: the task the key's first request made, or a new one bound to it."""
-    store, ttl = service.backend.idempotency, service.settings.result_ttl
+    store, ttl, clock = service.backend.idempotency, service.settings.result_ttl, service.backend.clock
     name = idempotency.scoped(key, middleware.presented_key())
-    existing = idempotency.live(store.get(name), ttl)
+    existing = idempotency.live(store.get(name), ttl, clock.now())
     if existing is not None and existing.task_id is not None:  # a replay needs no place in line
         print_ = idempotency.fingerprint(_read_image_bytes(), _raw_params())
         return _replay(service, mode, idempotency.settle(existing, print_))
     with service.backend.admission(mode):
         raw, data = _raw_params(), _read_image_bytes()
         print_ = idempotency.fingerprint(data, raw)
-        holder = store.claim(name, idempotency.Entry(print_, None, time.time()), ttl)
+        holder = store.claim(name, idempotency.Entry(print_, None, clock.now()), ttl)
         if holder is None:
             try:
                 task = _submit(service, mode, raw, data)
             except BaseException:
                 store.release(name)  # nothing was made: the same key may be tried again
                 raise
-            store.bind(name, idempotency.Entry(print_, task.task_id, time.time()), ttl)
+            store.bind(name, idempotency.Entry(print_, task.task_id, clock.now()), ttl)
             return _respond(service, mode, task)
-    return _replay(service, mode, _await_binding(store, name, holder, print_, ttl))
+    return _replay(service, mode, _await_binding(store, name, holder, print_, ttl, clock))
 
 
-def _await_binding(store, name: str, holder, print_: str, ttl: int) -> str:
+def _await_binding(store, name: str, holder, print_: str, ttl: int, clock: Clock) -> str:
     """The task of a key another connection is submitting now: wait a little for it, then 409."""
     deadline = time.monotonic() + IDEMPOTENCY_WAIT
     while holder is not None and holder.task_id is None and holder.fingerprint == print_ \
             and time.monotonic() < deadline:
         time.sleep(0.1)
-        holder = idempotency.live(store.get(name), ttl) or holder
+        holder = idempotency.live(store.get(name), ttl, clock.now()) or holder
     return idempotency.settle(holder, print_)
 
 

@@ -15,9 +15,10 @@ from prometheus_client import start_http_server
 from rq import SimpleWorker
 
 from config import ConfigError, load_settings
-from redis_backend import QUEUE_NAME, REDIS_ERRORS, WorkerRuntime, connect, install_runtime
-from tasks import ModelState
-from telemetry import Telemetry, configure_logging
+from video_diffusion.backends.redis_store import QUEUE_NAME, REDIS_ERRORS, connect
+from video_diffusion.backends.redis_worker import WorkerRuntime, install_runtime
+from video_diffusion.lifecycle.record import ModelState
+from video_diffusion.telemetry import Telemetry, configure_logging
 
 log = logging.getLogger("worker")
 
@@ -74,13 +75,14 @@ def main() -> int:
 
 def _work(runtime: WorkerRuntime, stop: threading.Event) -> None:
     """Run RQ's work loop; when Redis goes away, RQ's loop ends, so start another when it is back."""
-    delay, starts = 1.0, 0
+    delay = 1.0
     connection = connect(runtime.settings.redis, blocking=True)  # RQ blocks on the queue for minutes
     while not stop.is_set():
         try:
-            starts += 1  # RQ's name for this loop is the runtime's plus a count: its jobs trace back to our heartbeat
-            worker = _Worker([QUEUE_NAME], connection=connection, name=f"{runtime.name}:{starts}")
+            worker = _Worker([QUEUE_NAME], connection=connection)
             worker.stop_requested = stop
+            runtime.rq_worker = worker.name  # the heartbeat names it before RQ can give it a job
+            runtime.beat()
             worker.work(logging_level=runtime.settings.log_level.upper())
             delay = 1.0
         except REDIS_ERRORS as exc:

@@ -21,7 +21,7 @@ from common import table, tiny_model
 from full_size import GPU_ANCHOR_SECONDS, STEPS_AT_ANCHOR, block_flops, cached_step_flops
 
 from config import load_settings
-from params import parse_params, resolve_defaults
+from video_diffusion.params import parse_params, resolve_defaults
 from pipeline import load_generator
 
 SVD_XT_WORK = STEPS_AT_ANCHOR * 2  # 25 steps, guidance on: the UNet sees a batch of 2 each time

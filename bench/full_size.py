@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import json
 import math
 import os
 import tempfile
@@ -157,7 +156,7 @@ def block_flops(width: int = 1024, height: int = 576, frames: int = FRAMES_AT_AN
         vae = AutoencoderKLTemporalDecoder(block_out_channels=[128, 256, 512, 512], layers_per_block=2,
                                            latent_channels=4, down_block_types=["DownEncoderBlock2D"] * 4)
     unet, vae = unet.to_empty(device="cpu"), vae.to_empty(device="cpu")
-    from speedups import install_cross_attention
+    from video_diffusion.models.speedups import install_cross_attention
 
     install_cross_attention(unet)  # as the service runs it: one-token cross-attention is always on
     h, w = height // 8, width // 8

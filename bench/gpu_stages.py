@@ -23,7 +23,7 @@ from common import table, tiny_model
 
 from config import load_settings
 from encoders import encode_video
-from params import parse_params, resolve_defaults
+from video_diffusion.params import parse_params, resolve_defaults
 from pipeline import ANIMATELCM, REPOS, load_generator
 
 ANCHORS = ("Published anchors for SVD-XT, 25 frames at 1024x576, 25 steps: about 51 s on an A100 in plain "

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import requests
 from common import Service, table, tiny_model
-from images import WEBP_SHARE
+from video_diffusion.media.images import WEBP_SHARE
 from PIL import Image, ImageDraw
 
 SMALL = {"width": "64", "height": "64", "num_inference_steps": "1", "num_frames": "14"}

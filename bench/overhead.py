@@ -22,8 +22,8 @@ from PIL import Image
 
 from config import load_settings
 from encoders import encode_video
-from images import fit_image
-from params import parse_params, resolve_defaults
+from video_diffusion.media.images import fit_image
+from video_diffusion.params import parse_params, resolve_defaults
 from pipeline import load_generator
 
 

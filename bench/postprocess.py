@@ -27,7 +27,7 @@ from common import Service, generated, median_seconds, table, tiny_model
 from encoding import moving_scene
 
 from encoders import encode_video
-from postprocess import colour_stats, make_loop, match_colours, retime
+from video_diffusion.media.postprocess import colour_stats, make_loop, match_colours, retime
 
 GPU_ANCHOR_SECONDS = 50.9
 

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import config  # noqa: E402
-import params  # noqa: E402
+from video_diffusion import params  # noqa: E402
 
 
 def env_example() -> str:

@@ -19,12 +19,12 @@ import pytest
 import requests
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from config import VARIABLES, load_settings
+from pipeline import load_generator, save_tiny_pipeline
+from server import create_app
+from video_diffusion.clock import Clock
 
-from config import VARIABLES, load_settings  # noqa: E402
-from pipeline import load_generator, save_tiny_pipeline  # noqa: E402
-from server import create_app  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # Tests set what they need: the user's settings (their environment, their `.env`) must not reach them. The service's
 # variables are cleared here, and subprocesses start in a folder of their own (no `.env`) with the code on PYTHONPATH.
@@ -57,6 +57,19 @@ def generator(tiny_model_dir):
     return load_generator(load_settings({"SVD_MODEL": str(tiny_model_dir)}, dotenv_path=None))
 
 
+class SteppedClock(Clock):
+    """The lifecycle's clock, moved forward by the test instead of sleeping (records, expiry, TTLs, reaping)."""
+
+    def __init__(self):
+        self.offset = 0.0
+
+    def now(self) -> float:
+        return time.time() + self.offset
+
+    def advance(self, seconds: float) -> None:
+        self.offset += seconds
+
+
 def settings_for(tmp_path: Path, **env: str):
     return load_settings({"VIDEO_OUTPUT_PATH": str(tmp_path / "videos"), **env}, dotenv_path=None)
 
@@ -73,14 +86,14 @@ def wait_ready(client, timeout: float = 30.0) -> dict:
 
 @pytest.fixture
 def make_app(tmp_path, generator):
-    """make_app(load=None, **env) -> a ready Flask app on this test's own output folder."""
+    """make_app(load=None, clock=None, **env) -> a ready Flask app on this test's own output folder."""
     apps = []
 
-    def make(load=None, **env):
+    def make(load=None, clock=None, **env):
         # Each app owns its data folder (one instance per folder): the first is tmp_path/videos.
         folder = tmp_path / ("videos" if not apps else f"videos-{len(apps) + 1}")
         env = {"VIDEO_OUTPUT_PATH": str(folder), **env}
-        app = create_app(settings_for(tmp_path, **env), load=load or (lambda settings: generator))
+        app = create_app(settings_for(tmp_path, **env), load=load or (lambda settings: generator), clock=clock)
         apps.append(app)
         wait_ready(app.test_client())
         return app

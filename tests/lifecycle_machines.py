@@ -16,12 +16,12 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 from PIL import Image
 
-import store as store_module
+from video_diffusion.backends import disk_store as store_module
 from config import load_settings
 from pipeline import ModelInfo
-from redis_backend import REDIS_ERRORS
-from tasks import TRANSITIONS, Task, TaskStatus, new_task_id
-from telemetry import Telemetry
+from video_diffusion.backends.redis_store import REDIS_ERRORS
+from video_diffusion.lifecycle.record import TRANSITIONS, Task, TaskStatus, new_task_id
+from video_diffusion.telemetry import Telemetry
 
 PARAMS = {"motion_bucket_id": 127, "fps": 6, "num_frames": 2, "decode_chunk_size": 8, "num_inference_steps": 4,
           "noise_aug_strength": 0.02, "min_guidance_scale": 1.0, "max_guidance_scale": 3.0, "seed": 1,
@@ -34,7 +34,7 @@ class SleepsPerStep:
     task was given up on; released, it carries on and tries to finish."""
 
     model = ModelInfo(name="sleeps", source=None, noise=True, defaults={})
-    device, dtype = "cpu", "float32"
+    device, dtype, needs_warm_up = "cpu", "float32", False
 
     def __init__(self, step_seconds: float = 0.01):
         self.step_seconds = step_seconds
@@ -49,6 +49,9 @@ class SleepsPerStep:
             progress("denoising", step, total)
             time.sleep(self.step_seconds)
         return np.zeros((params["num_frames"], params["height"], params["width"], 3), np.uint8)
+
+    def warm_up(self):
+        pass
 
     def describe(self):
         return {"model": self.model.label, "noise": True, "device": "cpu", "dtype": "float32"}
@@ -89,8 +92,11 @@ class _Machine(RuleBasedStateMachine):
         if not history or history[-1] is not task.status:
             history.append(task.status)
 
-    def new_task(self) -> Task:
-        return Task(task_id=new_task_id(), mode="async", params=dict(PARAMS))
+    def submit_to(self, backend) -> None:
+        """One new task, admitted and submitted as a request is."""
+        task = Task(task_id=new_task_id(), mode="async", params=dict(PARAMS))
+        with backend.admission(task.mode):
+            self.accepted.append(backend.submit(task, Image.new("RGB", (64, 64))).task_id)
 
     @invariant()
     def every_history_is_a_legal_path(self):
@@ -115,7 +121,7 @@ class EmbeddedMachine(_Machine):
         super().__init__()
         self.folder = Path(tempfile.mkdtemp(prefix="vd-stateful-"))
         self.backend = None
-        self._real_save = store_module.TaskStore.save
+        self._real_save = store_module.DiskStore.save
         machine = self
 
         def recording_save(store, task):
@@ -123,20 +129,20 @@ class EmbeddedMachine(_Machine):
             if store is machine.backend.store:
                 machine.record(task)
 
-        store_module.TaskStore.save = recording_save
+        store_module.DiskStore.save = recording_save
 
     @initialize()
     def start(self):
         self.backend = self._start()
 
     def _start(self):
-        from embedded import EmbeddedBackend
+        from video_diffusion.backends.embedded import EmbeddedBackend
 
         settings = load_settings({"VIDEO_OUTPUT_PATH": str(self.folder), "QUEUE_TIMEOUT": "2", "RESULT_TTL": "2",
                                   "MAX_QUEUE": "50"}, dotenv_path=None)
         generator = SleepsPerStep()
         self.generators.append(generator)
-        backend = EmbeddedBackend(settings, store_module.TaskStore(self.folder), lambda _s: generator, Telemetry())
+        backend = EmbeddedBackend(settings, store_module.DiskStore(self.folder), lambda _s: generator, Telemetry())
         backend.start()
         deadline = time.monotonic() + 10
         while backend.health().status != "ok":
@@ -147,8 +153,7 @@ class EmbeddedMachine(_Machine):
     @rule(count=st.integers(1, 3))
     def submit(self, count):
         for _ in range(count):
-            task = self.backend.submit(self.new_task(), Image.new("RGB", (64, 64)))
-            self.accepted.append(task.task_id)
+            self.submit_to(self.backend)
 
     @precondition(lambda self: self.accepted)
     @rule(data=st.data())
@@ -199,7 +204,7 @@ class EmbeddedMachine(_Machine):
                 self.every_history_is_a_legal_path()
                 self.backend.stop()
         finally:
-            store_module.TaskStore.save = self._real_save
+            store_module.DiskStore.save = self._real_save
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -221,14 +226,14 @@ class RedisMachine(_Machine):
 
     @initialize()
     def start(self):
-        from redis_backend import RedisBackend
+        from video_diffusion.backends.redis_api import RedisBackend
 
         self.api = RedisBackend(self.settings, telemetry=Telemetry())
         self.api.start()
         self._start_worker()
 
     def _start_worker(self):
-        from redis_backend import WorkerRuntime
+        from video_diffusion.backends.redis_worker import WorkerRuntime
 
         runtime = WorkerRuntime(self.settings, Telemetry())
         generator = SleepsPerStep()
@@ -241,20 +246,27 @@ class RedisMachine(_Machine):
         self.workers.append((runtime, generator, stop, thread))
 
     def _work(self, runtime, stop):
-        """RQ's dequeue in short: pop into the intermediate list, name the worker, run, delete the job."""
+        """RQ's dequeue in short, through its public API: pop into the intermediate list, name the worker and take
+        the job off that list in one transaction, run it, delete the job."""
+        from rq import Queue
+        from rq.exceptions import DequeueTimeout
+
         connection, queue = runtime.redis, runtime.store.queue
+        runtime.rq_worker = f"rq-{runtime.name}"
         while not stop.is_set():
             try:
-                task_id = connection.blmove(queue.key, queue.intermediate_queue_key, 0.2)
+                popped = Queue.dequeue_any([queue], 0.2, connection=connection)
+            except DequeueTimeout:
+                continue
             except REDIS_ERRORS:
                 return  # the test's Redis is gone: so is this worker
-            if task_id is None:
-                continue
-            task_id = task_id.decode()
-            connection.hset(f"rq:job:{task_id}", "worker_name", f"{runtime.name}:1")
-            connection.lrem(queue.intermediate_queue_key, 1, task_id)
-            runtime.run(task_id)
-            connection.delete(f"rq:job:{task_id}")
+            job = popped[0]
+            with connection.pipeline() as pipe:
+                job.prepare_for_execution(runtime.rq_worker, pipeline=pipe)
+                pipe.lrem(queue.intermediate_queue_key, 1, job.id)
+                pipe.execute()
+            runtime.run(job.id)
+            job.delete()
 
     def _observe(self):
         for task_id in self.accepted:
@@ -265,8 +277,7 @@ class RedisMachine(_Machine):
     @rule(count=st.integers(1, 3))
     def submit(self, count):
         for _ in range(count):
-            task = self.api.submit(self.new_task(), Image.new("RGB", (64, 64)))
-            self.accepted.append(task.task_id)
+            self.submit_to(self.api)
         self._observe()
 
     @precondition(lambda self: self.accepted)

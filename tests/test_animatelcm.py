@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import pipeline
-from animatelcm import AnimateLCMScheduler
+from video_diffusion.models.animatelcm import AnimateLCMScheduler
 from config import load_settings
 from conftest import image_bytes, settings_for, start_worker_processes, upload, wait_ready
 from pipeline import describe_model, load_generator, save_tiny_pipeline
@@ -235,7 +235,7 @@ def test_loading_puts_the_distilled_weights_over_the_base_unet(tmp_path, monkeyp
 
 
 def lcm_request(generator) -> dict:
-    from params import PARAMS, resolve_defaults
+    from video_diffusion.params import PARAMS, resolve_defaults
 
     params = resolve_defaults({p.name: p.default for p in PARAMS}, generator.model.defaults)
     return {**params, "seed": 1, "width": 64, "height": 64, "num_frames": 14}

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from conftest import SMALL, decode_video, image_bytes, upload
+from conftest import SMALL, SteppedClock, decode_video, image_bytes, upload
 from pipeline import VideoGenerator
 
 # Enough steps at a tiny size to hold the runner for a few seconds; canceled before the end.
@@ -108,11 +108,12 @@ def test_unknown_and_malformed_ids_get_the_same_404(client, task_id):
 
 
 def test_a_result_expires_after_result_ttl(make_app, tmp_path):
-    client = make_app(RESULT_TTL="1").test_client()
+    clock = SteppedClock()
+    client = make_app(RESULT_TTL="1", clock=clock).test_client()
     response = submit(client, prefer="wait", **SMALL)
     task_id = response.headers["X-Task-Id"]
     assert client.get(f"/results/{task_id}").status_code == 200
-    time.sleep(1.1)
+    clock.advance(1.1)
     gone = client.get(f"/results/{task_id}")
     assert gone.status_code == 410 and gone.json["error"]["code"] == "expired"
     assert sorted(p.name for p in (tmp_path / "videos" / task_id).iterdir()) == ["task.json"]

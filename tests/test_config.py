@@ -10,7 +10,7 @@ import pytest
 
 import config
 from config import ConfigError, Settings, load_settings
-from params import params_markdown
+from video_diffusion.params import params_markdown
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import gen_docs  # noqa: E402

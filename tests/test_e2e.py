@@ -138,7 +138,7 @@ def test_a_client_that_hangs_up_while_waiting_gives_up_its_place(gunicorn_server
 def test_gunicorn_loads_the_model_in_the_worker_not_the_master(gunicorn_server):
     logs = gunicorn_server.logs()
     worker_pid = int(re.search(r"Booting worker with pid: (\d+)", logs).group(1))
-    loaded_in = int(re.search(r"\[(\d+)\] INFO embedded: model ready", logs).group(1))
+    loaded_in = int(re.search(r"\[(\d+)\] INFO video_diffusion\.backends\.shared: model ready", logs).group(1))
     assert loaded_in == worker_pid != gunicorn_server.process.pid
 
 

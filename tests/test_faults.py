@@ -9,17 +9,17 @@ import json
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import requests
 
-import tasks
+from video_diffusion.lifecycle import record as tasks
 from conftest import GUNICORN, ROOT, SMALL, Gunicorn, image_bytes, settings_for, upload
 from server import create_app
-from store import FolderInUse
-from tasks import TaskStatus
+from video_diffusion.backends.disk_store import FolderInUse
+from video_diffusion.lifecycle.record import TaskStatus
+from video_diffusion import errors
 from test_async import LONG, ended, poll, running, submit
 
 
@@ -218,8 +218,8 @@ def test_a_runner_that_keeps_dying_turns_health_503_and_drain_does_not_wait_for_
 
 def test_a_terminal_task_never_changes_again():
     task = tasks.Task(task_id="e" * 32, mode="async", params={"seed": 1})
-    task.start()
-    task.finish(TaskStatus.FAILED, tasks.failure("abandoned"))
+    task.start(now=time.time())
+    task.finish(TaskStatus.FAILED, tasks.failure(errors.WorkerLost), now=time.time())
     for status in TaskStatus:
         with pytest.raises(tasks.IllegalTransition):
             task.move(status)

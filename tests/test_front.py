@@ -303,6 +303,8 @@ def test_redirects_never_take_their_host_from_the_request(client):
 
 
 def test_a_sync_client_that_loses_redis_learns_its_task_id(tmp_path, redis_server, start_workers):
+    import redis
+
     from conftest import settings_for, upload
     from server import create_app
 
@@ -314,7 +316,11 @@ def test_a_sync_client_that_loses_redis_learns_its_task_id(tmp_path, redis_serve
         thread = threading.Thread(target=lambda: result.update(response=client.post(
             "/generate", data=upload(image_bytes(), **LONG))))
         thread.start()
-        time.sleep(1.0)  # queued or running by now
+        connection = redis.Redis.from_url(redis_server.url)
+        deadline = time.monotonic() + 30
+        while not (connection.scard("vd:queued") or connection.scard("vd:started")):  # accepted: in line or running
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
         redis_server.stop()
         thread.join(30)
         response = result["response"]

@@ -9,7 +9,7 @@ import redis
 
 from conftest import SMALL, image_bytes, settings_for, start_worker_processes, upload, wait_ready
 from server import create_app
-from tasks import is_task_id
+from video_diffusion.lifecycle.record import is_task_id
 from test_postprocess import Recording
 
 ASYNC = {"Prefer": "respond-async"}

@@ -7,11 +7,12 @@ import threading
 import numpy as np
 import pytest
 import torch
+from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
 
 from config import load_settings
-from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
 from pipeline import VideoGenerator, build_tiny_pipeline, describe_model, load_generator
 from server import create_app
+from video_diffusion.models.contract import Generator, ModelInfo, check_generator
 
 
 def settings(**env):
@@ -144,3 +145,36 @@ def test_generator_output_is_uint8_frames_of_the_asked_size(generator):
     frames = generator.generate(Image.new("RGB", (128, 64)), params, lambda *p: phases.append(p))
     assert frames.dtype == np.uint8 and frames.shape == (14, 64, 128, 3)
     assert phases == [("denoising", 0, 1), ("decoding", 1, 1)]
+
+
+class NoWarmUp:
+    """A generator one member short of the contract: everything but warm_up."""
+
+    model = ModelInfo(name="incomplete", source=None, noise=True)
+    device, dtype, needs_warm_up = "cpu", "float32", False
+
+    def generate(self, image, params, progress):
+        return np.zeros((params["num_frames"], params["height"], params["width"], 3), np.uint8)
+
+    def describe(self):
+        return {"model": self.model.label, "noise": True, "device": "cpu", "dtype": "float32"}
+
+    def memory_stats(self):
+        return {}
+
+
+def test_the_loaded_generator_keeps_the_contract(generator):
+    assert check_generator(generator) is generator and isinstance(generator, Generator)
+
+
+def test_a_generator_that_breaks_the_contract_fails_when_it_loads(tmp_path, caplog):
+    app = create_app(settings_for(tmp_path), load=lambda _settings: NoWarmUp())
+    try:
+        health = wait_ready(app.test_client())
+        assert health["status"] == "failed" and health["error"]["code"] == "model_load_failed"
+        assert "NoWarmUp is not a Generator: it lacks warm_up" in caplog.text  # said in the log, by name
+        assert "warm_up" not in health["error"]["message"]  # the public answer says what failed, not where
+        refused = app.test_client().post("/generate", data=upload(image_bytes(), **SMALL))
+        assert refused.status_code == 503 and refused.json["error"]["code"] == "model_not_ready"
+    finally:
+        app.extensions["video_diffusion"].backend.stop()

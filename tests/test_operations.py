@@ -66,15 +66,15 @@ def test_request_ids_are_echoed_or_made_and_logged(client, caplog):
     assert given.headers["X-Request-Id"] == "abc-123"
     made = client.get("/status/" + "0" * 32, headers={"X-Request-Id": "bad id with spaces"})
     assert len(made.headers["X-Request-Id"]) == 32 and made.headers["X-Request-Id"] != "bad id with spaces"
-    lines = [r for r in caplog.records if r.name == "server"]
+    lines = [r for r in caplog.records if r.name == "video_diffusion.access"]
     assert any(r.request_id == "abc-123" and r.status == 200 and r.task_id == given.headers["X-Task-Id"]
                for r in lines)
-    task_lines = [r.getMessage() for r in caplog.records if r.name == "tasks"]
+    task_lines = [r.getMessage() for r in caplog.records if r.name == "video_diffusion.tasks"]
     assert any("queued" in m for m in task_lines) and any("finished" in m and "generation" in m for m in task_lines)
 
 
 def test_json_logs_are_one_object_per_line():
-    from telemetry import _JsonFormatter
+    from video_diffusion.telemetry import _JsonFormatter
 
     record = logging.LogRecord("server", logging.INFO, __file__, 1, "POST /generate %s", (200,), None)
     record.request_id, record.task_id = "r1", "t1"

@@ -16,10 +16,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import tasks
-from conftest import SMALL, decode_video, image_bytes, upload
-from params import resolve_defaults
-from postprocess import colour_stats, crossfade_length, make_loop, output_frames, retime
+from video_diffusion.lifecycle import record as tasks
+from conftest import SMALL, SteppedClock, decode_video, image_bytes, upload
+from video_diffusion.params import resolve_defaults
+from video_diffusion.media.postprocess import colour_stats, crossfade_length, make_loop, output_frames, retime
 
 N = int(SMALL["num_frames"])
 
@@ -57,6 +57,7 @@ class Recording:
 
     def __init__(self, generator, drift: float = 0.0, step_delay: dict[int, float] | None = None):
         self.inner, self.model, self.device, self.dtype = generator, generator.model, generator.device, "float32"
+        self.needs_warm_up = False
         self.drift, self.step_delay = drift, step_delay or {}
         self.calls: list[dict] = []
 
@@ -75,6 +76,9 @@ class Recording:
             frames = np.clip(base * (1 + self.drift) + [40 * self.drift, 0, 0], 0, 255).astype(np.uint8)
         call.update(frames=frames, ended=True)
         return frames
+
+    def warm_up(self):
+        pass
 
     def describe(self):
         return self.inner.describe()
@@ -293,23 +297,23 @@ def test_result_cache_false_always_generates(make_app, generator):
     assert len(recording.calls) == 2
 
 
-def test_a_hit_never_outlives_the_video_it_points_at(make_app, generator, monkeypatch):
-    monkeypatch.setattr(tasks, "CACHE_MIN_LIFE", 0.5)
+def test_a_hit_never_outlives_the_video_it_points_at(make_app, generator):
+    clock = SteppedClock()
     recording = Recording(generator)
-    client = make_app(load=lambda settings: recording, RESULT_TTL="3").test_client()
+    client = make_app(load=lambda settings: recording, RESULT_TTL="60", clock=clock).test_client()
     first = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=54))
     hit = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=54))
     assert hit.headers["X-Cache"] == "hit"
     hit_id, first_id = hit.headers["X-Task-Id"], first.headers["X-Task-Id"]
     assert client.get(f"/status/{hit_id}").json["result_url"]
-    time.sleep(3.2)  # the first video's RESULT_TTL has passed: the hit goes with it
+    clock.advance(60.2)  # the first video's RESULT_TTL has passed: the hit goes with it
     for task_id in (first_id, hit_id):
         assert client.get(f"/results/{task_id}").status_code == 410
         assert client.get(f"/status/{task_id}").json["result_url"] is None
     again = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=54))
     assert again.headers["X-Cache"] == "miss" and again.data == first.data and len(recording.calls) == 2
     # Within CACHE_MIN_LIFE of the end, the video is not handed out again either.
-    time.sleep(3 - tasks.CACHE_MIN_LIFE + 0.1)
+    clock.advance(60 - tasks.CACHE_MIN_LIFE + 0.1)
     late = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=54))
     assert late.headers["X-Cache"] == "miss"
 

@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-import redis_backend
+from video_diffusion.backends import redis_store as redis_backend
 from conftest import SMALL, RedisServer, image_bytes, start_worker_processes, upload
-from redis_backend import TaskStore
-from tasks import Task, TaskStatus, new_task_id
+from video_diffusion.backends.redis_store import RedisStore
+from video_diffusion.lifecycle.record import Task, TaskStatus, new_task_id
 from test_async import ended, poll, running, submit
 from test_redis import make_api
 
@@ -31,20 +31,22 @@ def _queued_task(backend) -> Task:
     from PIL import Image
 
     task = Task(task_id=new_task_id(), mode="async", params={"seed": 1, "format": "mp4"})
-    return backend.submit(task, Image.new("RGB", (64, 64)))
+    with backend.admission(task.mode):
+        return backend.submit(task, Image.new("RGB", (64, 64)))
 
 
-def _claim(store: TaskStore, task_id: str, worker: str) -> Task:
+def _claim(store: RedisStore, task_id: str, worker: str) -> Task:
     """What a worker does when RQ hands it the job: take it off the queue and claim it."""
-    store.redis.lrem(store.queue.key, 1, task_id)
+    store.queue.remove(task_id)
     task = store.load(task_id)
-    task.start(worker=worker)
-    assert store.move(task, expected=[TaskStatus.QUEUED])
+    task.start(store.clock.now(), worker=worker)
+    assert store.compare_and_set(task, expected=[TaskStatus.QUEUED])
     return task
 
 
-def _beat(store: TaskStore, worker: str, task_id: str | None) -> None:
-    store.redis.set(f"vd:worker:{worker}", json.dumps({"name": worker, "state": "ready", "task": task_id}), ex=30)
+def _beat(store: RedisStore, worker: str, task_id: str | None, rq_worker: str | None = None) -> None:
+    store.redis.set(f"vd:worker:{worker}", json.dumps({"name": worker, "state": "ready", "task": task_id,
+                                                       "rq_worker": rq_worker}), ex=30)
 
 
 def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, tiny_model_dir):
@@ -91,7 +93,7 @@ def test_a_failed_task_never_becomes_finished(api):
     assert store.load(task.task_id).status is TaskStatus.FAILED
     # The slow worker goes on: its progress and its end are refused, its video never stored.
     task.step = 5
-    assert store.move(task, worker=slow) is False
+    assert store.compare_and_set(task, worker=slow) is False
     assert store.end(task, TaskStatus.FINISHED, None, worker=slow, result=b"a video") is False
     assert store.load(task.task_id).status is TaskStatus.FAILED
     assert store.redis.get(f"vd:result:{task.task_id}") is None
@@ -99,17 +101,22 @@ def test_a_failed_task_never_becomes_finished(api):
 
 
 def test_a_job_popped_but_never_claimed_does_not_stay_queued(api, monkeypatch):
+    """RQ's own moves, through its public API: a job popped into the intermediate list, then named to a worker
+    and taken off it (RQ's prepare step). Only the one named to a worker with no heartbeat is lost."""
+    from rq import Queue
+
     backend, client = api
     store = backend.store
     monkeypatch.setattr(redis_backend, "LOST_JOB_GRACE", 0)
-    in_queue, in_flight, held, lost = (_queued_task(backend).task_id for _ in range(4))
-    for task_id in (in_flight, held, lost):  # RQ moves a popped job to its intermediate list ...
-        store.redis.lrem(store.queue.key, 1, task_id)
-        store.redis.rpush(store.queue.intermediate_queue_key, task_id)
-    for task_id, worker in ((held, "alive:2:aaaaaa"), (lost, "dead:3:bbbbbb")):  # ... then names its worker
-        store.redis.hset(f"rq:job:{task_id}", "worker_name", f"{worker}:1")
-        store.redis.lrem(store.queue.intermediate_queue_key, 1, task_id)
-    _beat(store, "alive:2:aaaaaa", None)
+    in_flight, held, lost, in_queue = (_queued_task(backend).task_id for _ in range(4))
+    popped = [Queue.dequeue_any([store.queue], None, connection=store.redis)[0] for _ in range(3)]
+    assert [job.id for job in popped] == [in_flight, held, lost]  # first in, first out: the last stays queued
+    for job, rq_worker in ((popped[1], "rq-alive"), (popped[2], "rq-dead")):
+        with store.redis.pipeline() as pipe:
+            job.prepare_for_execution(rq_worker, pipeline=pipe)
+            pipe.lrem(store.queue.intermediate_queue_key, 1, job.id)
+            pipe.execute()
+    _beat(store, "alive:2:aaaaaa", None, rq_worker="rq-alive")
     store.reap()
     statuses = {task_id: client.get(f"/status/{task_id}").json for task_id in (in_queue, in_flight, held, lost)}
     assert [statuses[t]["status"] for t in (in_queue, in_flight, held)] == ["queued"] * 3

@@ -9,7 +9,6 @@ import threading
 import zipfile
 
 import numpy as np
-import pytest
 import torch
 from diffusers.models.resnet import SpatioTemporalResBlock
 from PIL import Image
@@ -19,7 +18,7 @@ from config import load_settings
 from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
 from pipeline import build_tiny_pipeline, load_generator
 from server import create_app
-from speedups import OneTokenCrossAttention
+from video_diffusion.models.speedups import OneTokenCrossAttention
 
 
 def latents(pipe, seed: int = 3, steps: int = 6, color=(200, 40, 40)) -> torch.Tensor:

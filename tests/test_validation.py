@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from conftest import SMALL, image_bytes, upload
-from images import load_image
-from params import PARAMS
+from video_diffusion.media.images import load_image
+from video_diffusion.params import PARAMS
 
 NUMERIC = [p for p in PARAMS if not p.choices]
 

@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import webhooks
+from video_diffusion.delivery import webhooks
 from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
 from server import create_app
 
@@ -112,6 +112,14 @@ def finished(client, task_id: str, timeout: float = 30.0) -> dict:
     return body
 
 
+def drained(client, timeout: float = 30.0) -> None:
+    """Until the outbox holds nothing (every delivery queued so far was delivered or dropped)."""
+    deadline = time.monotonic() + timeout
+    while "video_diffusion_webhooks_pending 0.0" not in client.get("/metrics").text:
+        assert time.monotonic() < deadline, "the webhook outbox did not drain"
+        time.sleep(0.05)
+
+
 def submit(client, receiver_url: str, **params):
     response = client.post("/generate", data=upload(image_bytes(), **SMALL, webhook=receiver_url, **params),
                            headers=ASYNC)
@@ -142,7 +150,7 @@ def test_without_a_secret_deliveries_are_unsigned_and_only_the_end_by_default(ma
     client = make_app(WEBHOOK_ALLOW=f"127.0.0.1:{receiver.port}").test_client()
     finished(client, submit(client, receiver.url))
     (delivery,) = receiver.wait_for(1)
-    time.sleep(0.6)
+    drained(client)  # the task has ended: nothing else can be queued for it
     assert len(receiver.requests) == 1 and "webhook-signature" not in delivery["headers"]
     assert delivery["headers"]["webhook-id"]
 
@@ -210,7 +218,8 @@ def test_urls_outside_the_allow_list_are_refused_before_any_connection(make_app,
     bad_events = client.post("/generate", data=upload(image_bytes(), **SMALL, webhook=allowed.url,
                                                       webhook_events="progress"), headers=ASYNC)
     assert bad_events.status_code == 422 and bad_events.json["error"]["field"] == "webhook_events"
-    time.sleep(0.6)
+    drained(client)
+    assert "video_diffusion_tasks_created_total{" not in client.get("/metrics").text  # no task, so no delivery
     assert allowed.connections == other_port.connections == other_address.connections == 0
     closed = make_app().test_client()  # WEBHOOK_ALLOW unset: webhooks are refused
     refused = closed.post("/generate", data=upload(image_bytes(), **SMALL, webhook=allowed.url), headers=ASYNC)
@@ -292,7 +301,7 @@ def test_redis_mode_deliveries_retry_and_survive_restarts(tmp_path, tiny_model_d
 
 def test_a_failed_claim_does_not_stop_later_deliveries(tmp_path, receivers):
     """The outbox fails once (a disk error while claiming): the supervised loop restarts and still sends."""
-    from backend import Supervisor
+    from video_diffusion.backends.supervisor import Supervisor
 
     receiver = receivers()
     outbox = webhooks.FileOutbox(tmp_path / "outbox")

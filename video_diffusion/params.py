@@ -7,8 +7,9 @@ import secrets
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
-from errors import InvalidParameter, UnknownParameter
-from postprocess import output_frames
+import encoders
+from video_diffusion.errors import InvalidParameter, UnknownParameter
+from video_diffusion.media.postprocess import output_frames
 
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_GUIDANCE = 3.0  # SVD's; a model may name its own (pipeline.CONSISTENCY_DEFAULTS)
@@ -62,7 +63,7 @@ def _fmt(number: float | None) -> str:
 
 
 SIZINGS = ("crop", "fit", "source")
-FORMATS = ("mp4", "webm", "gif", "webp", "frames")
+FORMATS = tuple(encoders.FORMATS)  # what the encoders can write, in the order the docs list them
 LOOPS = ("none", "pingpong", "crossfade")
 GIF_MAX_FPS = 50  # GIF delays are hundredths of a second, and browsers slow down delays under 2 of them
 

@@ -14,14 +14,29 @@ import time
 from collections import deque
 from typing import BinaryIO, Callable
 
-from backend import Health, Places, Supervisor, derive_status
 from config import Settings
-from errors import StorageFull
-from idempotency import FileStore
-from store import TaskStore
-from tasks import (ModelState, Task, TaskStatus, admit, cacheable, execute, failure, progress_recorder,
-                   queue_timed_out, record_expires_at, result_expired, result_expires_at, reuse)
-from webhooks import Dispatcher, FileOutbox, delivery_for, parse_allow
+from video_diffusion.clock import Clock
+from video_diffusion import errors
+from video_diffusion.backends.contract import Health, Places, derive_status
+from video_diffusion.backends.disk_store import DiskStore
+from video_diffusion.backends.shared import answer_from_cache, load_model
+from video_diffusion.backends.supervisor import Supervisor
+from video_diffusion.delivery.webhooks import Dispatcher, FileOutbox
+from video_diffusion.errors import StorageFull
+from video_diffusion.lifecycle.idempotency import FileStore
+from video_diffusion.lifecycle.recipe import execute, progress_recorder
+from video_diffusion.lifecycle.record import (
+    ModelState,
+    Task,
+    TaskStatus,
+    admit,
+    cacheable,
+    failure,
+    queue_timed_out,
+    record_expires_at,
+    result_expired,
+    result_expires_at,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +46,9 @@ RETRY_SAVE_SECONDS = 5.0
 class EmbeddedBackend:
     """Tasks on disk under VIDEO_OUTPUT_PATH, run by one thread of this process."""
 
-    def __init__(self, settings: Settings, store: TaskStore, load: Callable, telemetry):
+    def __init__(self, settings: Settings, store: DiskStore, load: Callable, telemetry, clock: Clock | None = None):
         self.settings = settings
+        self.clock = clock or Clock()
         self.store = store
         self._load = load
         self.telemetry = telemetry
@@ -56,9 +72,8 @@ class EmbeddedBackend:
     def start(self) -> None:
         self.store.lock()
         self.outbox = FileOutbox(self.store.root / ".webhooks")
-        self.idempotency = FileStore(self.store.root / ".idempotency")
-        self.dispatcher = Dispatcher(self.outbox, parse_allow(self.settings.webhook_allow or ()),
-                                     self.settings.webhook_secret, self.telemetry)
+        self.idempotency = FileStore(self.store.root / ".idempotency", self.clock)
+        self.dispatcher = Dispatcher.for_settings(self.outbox, self.settings, self.telemetry, self.clock)
         self._recover()
         self.supervisor.spawn("model", self._load_model, forever=False)
         self.supervisor.spawn("runner", self._run_loop, on_crash=self._runner_crashed)
@@ -85,7 +100,7 @@ class EmbeddedBackend:
         with self._cond:
             self._draining = True
             for task_id in [t for t in self._queue if self._live[t].mode == "sync"]:
-                self._end(self._live[task_id], TaskStatus.CANCELED, failure("shutting_down"))
+                self._end(self._live[task_id], TaskStatus.CANCELED, failure(errors.ShuttingDown))
             self._cond.wait_for(lambda: self._running is None or not self.supervisor.alive("runner"), timeout)
 
     def _recover(self) -> None:
@@ -101,7 +116,7 @@ class EmbeddedBackend:
                     self._live[task.task_id] = task
                 elif not task.status.terminal:
                     self._live[task.task_id] = task
-                    self._end(task, TaskStatus.FAILED, failure("interrupted"))
+                    self._end(task, TaskStatus.FAILED, failure(errors.Interrupted))
                 else:
                     self._schedule_expiry(task)
                     self._remember(task)
@@ -109,27 +124,12 @@ class EmbeddedBackend:
             log.info("recovered %d queued task(s)", len(self._queue))
 
     def _load_model(self) -> None:
-        try:
-            generator = self._load(self.settings)
-        except Exception as exc:  # noqa: BLE001 - any failure leaves the process up and says why
-            from pipeline import describe_load_failure
+        load_model(self._load, self.settings, self._publish_model)
 
-            log.exception("the model failed to load")
-            with self._cond:
-                self.model_state, self.model_error = ModelState.FAILED, describe_load_failure(exc)
-                self._cond.notify_all()
-            return
-        if getattr(generator, "needs_warm_up", False):
-            with self._cond:
-                self.generator, self.model_state = generator, ModelState.WARMING_UP
-            try:
-                generator.warm_up()
-            except Exception:  # noqa: BLE001 - a failed warm-up only means the first request compiles
-                log.exception("the warm-up generation failed; requests will compile on first use")
+    def _publish_model(self, state: ModelState, generator, error: str | None) -> None:
         with self._cond:
-            self.generator, self.model_state = generator, ModelState.READY
+            self.generator, self.model_state, self.model_error = generator, state, error
             self._cond.notify_all()
-        log.info("model ready: %s on %s (%s)", generator.model.label, generator.device, generator.dtype)
 
     # --- submitting and reading -------------------------------------------------------------------
 
@@ -142,16 +142,15 @@ class EmbeddedBackend:
 
     def submit(self, task: Task, image) -> Task:
         """Put `task` in line: on disk (input, then record) before it is accepted. A repeat of a request whose
-        video is still kept is answered from it: a finished task at once."""
+        video is still kept is answered from it: a finished task at once. Runs inside `admission()`."""
         if not self._places.holding():
-            with self.admission(task.mode):
-                return self.submit(task, image)
+            raise RuntimeError("submit() runs inside admission(), which holds the task's place in line")
         if task.cache_key and (hit := self._answer_from_cache(task)) is not None:
             return hit
         try:
             self.store.write_input(task, image)
             with self._cond:
-                task.created_at = time.time()  # arrival is joining the line: timestamps follow the line's order
+                task.created_at = self.clock.now()  # arrival is joining the line: timestamps follow the line's order
                 self.store.save(task)
                 self._queue.append(task.task_id)
                 self._places.release()  # the line counts it now
@@ -169,31 +168,20 @@ class EmbeddedBackend:
     def _answer_from_cache(self, task: Task) -> Task | None:
         with self._cond:
             original = self._cache.get(task.cache_key)
-        hit = reuse(self.get(original) if original else None, task, self.settings.result_ttl)
-        if hit is None:
-            return None
+        return answer_from_cache(self.get(original) if original else None, task, self.settings.result_ttl,
+                                 self._keep_hit, self.dispatcher, self.telemetry, self.clock.now())
+
+    def _keep_hit(self, hit: Task) -> bool:
         try:
             self.store.save(hit)
         except OSError:
-            log.exception("task %s: could not store a cache hit's record; generating instead", task.task_id)
-            self.store.delete(task.task_id)
-            return None
+            log.exception("task %s: could not store a cache hit's record; generating instead", hit.task_id)
+            self.store.delete(hit.task_id)
+            return False
         with self._cond:
             self._places.release()
             self._schedule_expiry(hit)
-        self.telemetry.task_created(hit)
-        try:
-            self._notify(hit)
-        except OSError:
-            log.exception("task %s: could not queue its webhook", hit.task_id)
-        return hit
-
-    def _notify(self, task: Task) -> None:
-        """Queue the webhook delivery the task's new status calls for, if any (OSError when it cannot be kept)."""
-        delivery = delivery_for(task)
-        if delivery is not None:
-            self.outbox.add(delivery)
-            self.dispatcher.wake.set()
+        return True
 
     def _remember(self, task: Task) -> None:
         """Index a finished task's video for repeats of its request (the caller holds the lock)."""
@@ -206,7 +194,7 @@ class EmbeddedBackend:
             task = copy.deepcopy(self._live[task_id]) if task_id in self._live else None
         task = task or self.store.load(task_id)
         if task is not None and task.status is TaskStatus.FINISHED and not task.expired:
-            if result_expired(task, self.settings.result_ttl):  # due before the janitor's next round
+            if result_expired(task, self.settings.result_ttl, self.clock.now()):  # due before the janitor's next round
                 self._expire("result", task_id)
                 task.expired = True
         return task
@@ -238,15 +226,16 @@ class EmbeddedBackend:
             if task is None or task.status.terminal:
                 return self.get(task_id)
             if task.status is TaskStatus.QUEUED:
-                self._end(task, TaskStatus.CANCELED, failure("canceled"))
+                self._end(task, TaskStatus.CANCELED, failure(errors.TaskCanceled))
             else:
                 self._cancel_requested.add(task_id)
             return copy.deepcopy(task)
 
     def _fail_timed_out(self) -> None:
         """Fail tasks that waited longer than QUEUE_TIMEOUT (the caller holds the lock): they never run."""
-        for task_id in [t for t in self._queue if queue_timed_out(self._live[t], self.settings.queue_timeout)]:
-            self._end(self._live[task_id], TaskStatus.FAILED, failure("queue_timeout"))
+        now = self.clock.now()
+        for task_id in [t for t in self._queue if queue_timed_out(self._live[t], self.settings.queue_timeout, now)]:
+            self._end(self._live[task_id], TaskStatus.FAILED, failure(errors.QueueTimeout))
 
     def model_defaults(self) -> dict | None:
         generator = self.generator
@@ -256,6 +245,8 @@ class EmbeddedBackend:
         with self._cond:
             state = {"queue_depth": len(self._queue), "tasks_running": int(self._running is not None),
                      "model_ready": int(self.model_state is ModelState.READY)}
+        if self.outbox is not None:
+            state["webhooks_pending"] = self.outbox.pending()
         if self.generator is not None:
             state.update(self.generator.memory_stats())
         return state
@@ -287,7 +278,7 @@ class EmbeddedBackend:
                     return None
                 if self.model_state is ModelState.READY and self._queue and not self._draining:
                     task = self._live[self._queue.popleft()]
-                    task.start()
+                    task.start(self.clock.now())
                     self._running = task
                     return task
                 self._cond.wait(timeout=1.0)  # wakes to fail overdue tasks even when nothing else happens
@@ -297,14 +288,14 @@ class EmbeddedBackend:
         try:
             self.store.save(task)
             self.telemetry.task_started(task)
-            self._notify(task)
+            self.dispatcher.notify(task)
             progress = progress_recorder(task, self.settings.job_timeout, self._record_progress,
                                          lambda: task.task_id in self._cancel_requested)
             status, error = execute(self.generator, task, lambda: self.store.load_image(task.task_id),
                                     self.store.result_path(task), progress)
         except OSError:
             log.exception("task %s: its record could not be saved", task.task_id)
-            status, error = TaskStatus.FAILED, failure("storage_error")
+            status, error = TaskStatus.FAILED, failure(errors.StorageFull)
         self._end(task, status, error)
 
     def _record_progress(self, task: Task) -> None:
@@ -317,14 +308,14 @@ class EmbeddedBackend:
         with self._cond:
             task = self._running
         if task is not None:
-            self._end(task, TaskStatus.FAILED, failure("internal_error"))
+            self._end(task, TaskStatus.FAILED, failure(errors.ServiceError))
 
     def _end(self, task: Task, status: TaskStatus, error: dict | None) -> None:
         """Record the end of `task` once, wake whoever waits for it, then write it down."""
         with self._cond:
             if task.status.terminal:
                 return
-            task.finish(status, error)
+            task.finish(status, error, self.clock.now())
             self._remember(task)
             if task.task_id in self._queue:
                 self._queue.remove(task.task_id)
@@ -341,7 +332,7 @@ class EmbeddedBackend:
         """Write an ended task down; on a disk error keep it in memory (the janitor retries) rather than fail."""
         try:
             self.store.delete_input(task)
-            self._notify(task)  # before the record: a crash in between leaves a delivery, never a lost one
+            self.dispatcher.notify(task)  # before the record: a crash in between leaves a delivery, never a lost one
             self.store.save(task)
         except OSError:
             log.exception("task %s: could not save its record; keeping it in memory and retrying", task.task_id)
@@ -368,14 +359,15 @@ class EmbeddedBackend:
         """Delete videos after RESULT_TTL and records a grace period later; retry saves that failed."""
         while not self.supervisor.stopping.is_set():
             with self._cond:
-                next_due = self._expiries[0][0] if self._expiries else time.time() + 60
+                now = self.clock.now()
+                next_due = self._expiries[0][0] if self._expiries else now + 60
                 unsaved = [self._live[t] for t in self._save_failed if t in self._live]
-                wait = min(max(0.05, next_due - time.time()), RETRY_SAVE_SECONDS if unsaved else 60.0)
+                wait = min(max(0.05, next_due - now), RETRY_SAVE_SECONDS if unsaved else 60.0)
                 self._cond.wait(wait)
                 if self.supervisor.stopping.is_set():
                     return
                 due = []
-                while self._expiries and self._expiries[0][0] <= time.time():
+                while self._expiries and self._expiries[0][0] <= self.clock.now():
                     due.append(heapq.heappop(self._expiries))
             for task in unsaved:
                 self._save_quietly(task)

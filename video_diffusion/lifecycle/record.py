@@ -1,6 +1,6 @@
 """The task lifecycle, written once: the record, its legal transitions, admission, timeouts, expiry, failure
-codes, and running one task from image to video file. Both backends call these rules; they store and
-transport, they do not decide.
+codes, the result-cache rules and the status document clients (and webhooks) read. Both backends call these
+rules; they store and transport, they do not decide.
 """
 
 from __future__ import annotations
@@ -9,24 +9,18 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import re
 import secrets
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from enum import Enum
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
-from encoders import FORMATS, encode_video
-from errors import (GenerationTimeout, InvalidParameter, ModelNotReady, QueueFull, ServiceError, ShuttingDown,
-                    TaskCanceled)
-from images import fit_image
-from params import MAX_SEED, resolve_defaults
-from postprocess import colour_stats, make_loop, match_colours, retime
+from encoders import FORMATS
+from video_diffusion.errors import TASK_MESSAGES, ModelNotReady, QueueFull, ServiceError, ShuttingDown
 
 log = logging.getLogger(__name__)
 
@@ -73,21 +67,9 @@ class ModelState(str, Enum):
     FAILED = "failed"
 
 
-# Why a task ended without a video: a stable code and a message a client can act on.
-FAILURES = {
-    "canceled": "canceled by request",
-    "queue_timeout": "the task waited longer than QUEUE_TIMEOUT and never ran; submit it again",
-    "shutting_down": "the service shut down before this task's turn; submit it again",
-    "interrupted": "the service stopped while this task was running; submit it again",
-    "abandoned": "the worker running this task stopped (killed or lost); submit it again",
-    "storage_error": "the task's files could not be written or read (disk full or removed); submit it again",
-    "generation_failed": "generation failed; the log has the details",
-    "internal_error": "the task runner failed; the log has the details",
-}
-
-
-def failure(code: str) -> dict[str, str]:
-    return {"code": code, "message": FAILURES[code]}
+def failure(error: type[ServiceError]) -> dict[str, str]:
+    """Why a task ended without a video: its error's stable code and the message a client can act on."""
+    return {"code": error.code, "message": TASK_MESSAGES[error]}
 
 
 def new_task_id() -> str:
@@ -150,14 +132,14 @@ class Task:
             raise IllegalTransition(f"task {self.task_id}: {self.status.value} -> {status.value}")
         self.status = status
 
-    def start(self, worker: str | None = None) -> None:
+    def start(self, now: float, worker: str | None = None) -> None:
         self.move(TaskStatus.STARTED)
-        self.started_at, self.phase, self.worker = time.time(), "loading", worker
+        self.started_at, self.phase, self.worker = now, "loading", worker
         self.timings["queue_wait"] = self.started_at - self.created_at
 
-    def finish(self, status: TaskStatus, error: dict[str, str] | None = None) -> None:
+    def finish(self, status: TaskStatus, error: dict[str, str] | None, now: float) -> None:
         self.move(status)
-        self.error, self.finished_at = error, time.time()
+        self.error, self.finished_at = error, now
         if status is TaskStatus.FINISHED:
             self.phase = "done"
 
@@ -182,9 +164,9 @@ def admit(mode: str, *, draining: bool, model: ModelState, ready_detail: str, wa
                         retry_after=30)
 
 
-def queue_timed_out(task: Task, queue_timeout: int, now: float | None = None) -> bool:
+def queue_timed_out(task: Task, queue_timeout: int, now: float) -> bool:
     """A queued task that waited past QUEUE_TIMEOUT: it must fail `queue_timeout` and never run."""
-    return task.status is TaskStatus.QUEUED and (now or time.time()) - task.created_at > queue_timeout
+    return task.status is TaskStatus.QUEUED and now - task.created_at > queue_timeout
 
 
 def result_expires_at(task: Task, result_ttl: int) -> float | None:
@@ -193,10 +175,10 @@ def result_expires_at(task: Task, result_ttl: int) -> float | None:
     return None if task.finished_at is None else task.finished_at + result_ttl
 
 
-def result_expired(task: Task, result_ttl: int, now: float | None = None) -> bool:
+def result_expired(task: Task, result_ttl: int, now: float) -> bool:
     """True once a finished task's video is past RESULT_TTL (deleted, or about to be)."""
     expires = result_expires_at(task, result_ttl)
-    return task.expired or (expires is not None and (now or time.time()) >= expires)
+    return task.expired or (expires is not None and now >= expires)
 
 
 def record_expires_at(task: Task, result_ttl: int) -> float | None:
@@ -224,10 +206,9 @@ def cacheable(task: Task) -> bool:
     return task.status is TaskStatus.FINISHED and bool(task.cache_key) and task.cached_from is None
 
 
-def reuse(original: Task | None, request: Task, result_ttl: int, now: float | None = None) -> Task | None:
+def reuse(original: Task | None, request: Task, result_ttl: int, now: float) -> Task | None:
     """`request` answered from `original`'s video, finished at once; None when it cannot be (gone, failed,
     expired or about to, or not the same request). The answer never outlives the video it points at."""
-    now = now or time.time()
     if original is None or not cacheable(original) or original.cache_key != request.cache_key \
             or original.result is None or original.expired:
         return None
@@ -243,116 +224,26 @@ def reuse(original: Task | None, request: Task, result_ttl: int, now: float | No
                 cache_key=request.cache_key, cached_from=original.task_id, webhook=request.webhook)
 
 
-def write_atomic(path: Path, write: Callable[[str], None]) -> None:
-    """Write through `write(tmp_path)`, fsync, rename, fsync the folder: readers (and a power cut) see the old
-    file or the whole new one, never an empty or half-written one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)
+# --- what clients read -----------------------------------------------------------------------------
+
+def _iso(timestamp: float | None) -> str | None:
+    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
 
 
-# --- running one task --------------------------------------------------------------------------------
-
-def run_task(generator, task: Task, image: Image.Image, out_path: Path,
-             progress: Callable[[str, int, int], None]) -> None:
-    """Generate and encode `task`'s video into `out_path`, filling its resolved params, result and timings.
-
-    Segments run one after the other, each conditioned on the last frame of the one before; then the loop, the
-    change of frame rate and the encoding. Progress counts denoising steps across all segments.
-    """
-    params = resolve_defaults(task.params, generator.model.defaults)
-    limit = generator.model.max_steps
-    if limit is not None and params["num_inference_steps"] > limit:  # an API that did not know the model let it in
-        raise InvalidParameter(f"`num_inference_steps` must be at most {limit} with {generator.model.name}, got "
-                               f"{params['num_inference_steps']}", field="num_inference_steps")
-    sized = fit_image(image, params["width"], params["height"], params["sizing"])
-    params["width"], params["height"] = sized.size
-    task.params, task.model = params, generator.model.label
-    started = time.perf_counter()
-    frames = generate_segments(generator, sized, params, progress)
-    generated = time.perf_counter()
-    steps = params["segments"] * params["num_inference_steps"]
-    if params["loop"] != "none":
-        progress("looping", steps, steps)
-        frames = make_loop(frames, params["loop"])
-    if params["output_fps"] != params["fps"]:
-        progress("interpolating" if params["output_fps"] > params["fps"] else "retiming", steps, steps)
-        frames = retime(frames, params["fps"], params["output_fps"], looped=params["loop"] != "none")
-    processed = time.perf_counter()
-    progress("encoding", steps, steps)
-    fmt = FORMATS[params["format"]]
-    write_atomic(out_path, lambda tmp: encode_video(frames, params["output_fps"], fmt.name, tmp))
-    task.timings.update(generation=generated - started, postprocessing=processed - generated,
-                        encoding=time.perf_counter() - processed)
-    task.result = {"format": fmt.name, "content_type": fmt.content_type, "bytes": out_path.stat().st_size,
-                   "filename": f"{task.task_id}.{fmt.extension}", "frames": len(frames)}
-
-
-def generate_segments(generator, image: Image.Image, params: dict[str, Any],
-                      progress: Callable[[str, int, int], None]):
-    """`segments` pipeline calls chained on their last frames (seed + k for segment k), each later one without
-    its first frame and colour-matched to the first: N + (segments - 1) x (N - 1) frames."""
-    import numpy as np
-
-    steps, count = params["num_inference_steps"], params["segments"]
-    clips, reference, condition = [], None, image
-    for k in range(count):
-        def segment_progress(phase: str, step: int, total: int, done: int = k * steps) -> None:
-            progress(phase, done + step, count * steps)
-
-        frames = generator.generate(condition, {**params, "seed": (params["seed"] + k) % (MAX_SEED + 1)},
-                                    segment_progress)
-        if k == 0:
-            reference = colour_stats(frames)
-        else:
-            progress("matching colour", (k + 1) * steps, count * steps)
-            frames = match_colours(frames, reference)[1:]
-        clips.append(frames)
-        condition = Image.fromarray(frames[-1])
-    return clips[0] if count == 1 else np.concatenate(clips)
-
-
-def execute(generator, task: Task, load_image: Callable[[], Image.Image], out_path: Path,
-            progress: Callable[[str, int, int], None]) -> tuple[TaskStatus, dict[str, str] | None]:
-    """Run `task` and say how it ended: every failure becomes a status and a code, never an exception."""
-    try:
-        run_task(generator, task, load_image(), out_path, progress)
-    except TaskCanceled:
-        return TaskStatus.CANCELED, failure("canceled")
-    except ServiceError as exc:
-        return TaskStatus.FAILED, {"code": exc.code, "message": exc.message}
-    except OSError:  # disk full, a folder deleted underneath, an unreadable input
-        log.exception("task %s: storage failed", task.task_id)
-        return TaskStatus.FAILED, failure("storage_error")
-    except Exception:  # noqa: BLE001 - one task's failure must not stop the runner
-        log.exception("task %s failed", task.task_id)
-        return TaskStatus.FAILED, failure("generation_failed")
-    return TaskStatus.FINISHED, None
-
-
-def progress_recorder(task: Task, job_timeout: int, save: Callable[[Task], None],
-                      cancel_requested: Callable[[], bool]) -> Callable[[str, int, int], None]:
-    """The progress callback of a run: records each step, and stops the run when canceled or out of time."""
-    deadline = time.monotonic() + job_timeout
-
-    def progress(phase: str, step: int, total: int) -> None:
-        if cancel_requested():
-            raise TaskCanceled("canceled by request")
-        task.phase, task.step, task.total_steps = phase, step, total
-        save(task)
-        if time.monotonic() > deadline:
-            raise GenerationTimeout(f"the generation ran longer than JOB_TIMEOUT={job_timeout} s")
-
-    return progress
+def status_document(task: Task, queue_position: int | None, root: str = "") -> dict:
+    """The task as JSON, the same from `/status` and in a webhook (whose URLs are relative to the API's root)."""
+    return {
+        "task_id": task.task_id, "status": task.status.value, "mode": task.mode,
+        "progress": {"phase": task.phase, "step": task.step, "total": task.total_steps},
+        "queue_position": queue_position,
+        "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
+        "finished_at": _iso(task.finished_at),
+        "seed": task.params["seed"], "params": task.params, "model": task.model, "timings": task.timings,
+        "error": task.error, "expired": task.expired,
+        "result": {k: task.result[k] for k in ("format", "content_type", "bytes", "frames")}
+        if task.result and task.status is TaskStatus.FINISHED else None,
+        "cached": task.cached_from is not None,
+        "status_url": f"{root}/status/{task.task_id}",
+        "result_url": f"{root}/results/{task.task_id}"
+        if task.status is TaskStatus.FINISHED and not task.expired else None,
+    }

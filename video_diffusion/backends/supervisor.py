@@ -1,95 +1,16 @@
-"""The contract between the HTTP front and where tasks run, and the supervision of background loops.
-
-`server.py` is typed against `Backend`; `EmbeddedBackend` (one process, tasks on disk) and `RedisBackend`
-(tasks in Redis, run by RQ workers) implement it. Health is derived from named component states, so a dead
-loop can never hide behind "ok".
-"""
+"""Background loops in threads, each watched: a loop that dies is logged and restarted with backoff, and one that
+dies too often is marked failed so that health says so."""
 
 from __future__ import annotations
 
 import logging
 import threading
 import time
-from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, BinaryIO, Callable, Iterator, Protocol
-
-from PIL import Image
-
-import idempotency
-from tasks import ModelState, Task
+from typing import Callable
 
 log = logging.getLogger(__name__)
-
-
-class Backend(Protocol):
-    idempotency: idempotency.Store  # where Idempotency-Keys are kept (files or Redis)
-
-    def start(self) -> None: ...
-
-    def model_defaults(self) -> dict[str, int] | None:
-        """The loaded model's num_frames, num_inference_steps, width and height (None before one is ready)."""
-
-    def stop(self) -> None: ...
-
-    def admission(self, mode: str) -> AbstractContextManager[None]:
-        """Hold a place in line while the request is decoded; 503 at once when there is none."""
-
-    def submit(self, task: Task, image: Image.Image) -> Task:
-        """Put an admitted task in line and return it as accepted."""
-
-    def get(self, task_id: str) -> Task | None: ...
-
-    def wait(self, task_id: str, timeout: float) -> Task | None: ...
-
-    def cancel(self, task_id: str) -> Task | None: ...
-
-    def result(self, task: Task) -> BinaryIO | None:
-        """The finished task's video as an open binary file, or None once it is gone."""
-
-    def queue_position(self, task_id: str) -> int | None: ...
-
-    def health(self) -> Health: ...
-
-    def drain(self, timeout: float) -> None: ...
-
-    def metrics(self) -> dict[str, float]: ...
-
-
-class Places:
-    """Places in line held by admitted requests while they are read and decoded.
-
-    `hold` checks there is room (counting held places) and holds one for this thread; `release` gives it up,
-    either because the request became a queued task (which the line now counts) or because it ended. Both
-    run under the backend's own lock, so a place is never counted twice or not at all.
-    """
-
-    def __init__(self, lock):
-        self._lock = lock
-        self._local = threading.local()
-        self.held = 0
-
-    @contextmanager
-    def hold(self, check: Callable[[int], None]) -> Iterator[None]:
-        with self._lock:
-            check(self.held)
-            self.held += 1
-        self._local.holding = True
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.release()
-
-    def holding(self) -> bool:
-        return getattr(self._local, "holding", False)
-
-    def release(self) -> None:
-        """Give up this thread's place (the caller holds the backend's lock)."""
-        if self.holding():
-            self._local.holding = False
-            self.held -= 1
 
 
 class Component(str, Enum):
@@ -100,36 +21,6 @@ class Component(str, Enum):
     RESTARTING = "restarting"
     FAILED = "failed"  # died too often, or cannot be restarted
     STOPPED = "stopped"
-
-
-@dataclass
-class Health:
-    """What `/health` answers: a status, 200 only for "ok", and details with no paths, hosts or reprs."""
-
-    status: str
-    details: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def ok(self) -> bool:
-        return self.status == "ok"
-
-    def body(self) -> dict[str, Any]:
-        return {"status": self.status, **self.details}
-
-
-def derive_status(*, draining: bool, model: ModelState, components: dict[str, Component]) -> str:
-    """One rule for every process: draining, then a dead part, then the model's state."""
-    if draining:
-        return "draining"
-    if any(state is Component.FAILED for state in components.values()):
-        return "unhealthy"
-    if model is ModelState.FAILED:
-        return "failed"
-    if model is ModelState.LOADING:
-        return "loading"
-    if model is ModelState.WARMING_UP:
-        return "warming_up"
-    return "ok"
 
 
 @dataclass

@@ -31,9 +31,12 @@ from pathlib import Path
 from typing import Iterable, Protocol
 from urllib.parse import urlsplit
 
-from errors import InvalidParameter
+from video_diffusion.clock import Clock
+from video_diffusion.errors import InvalidParameter
+from video_diffusion.files import write_atomic
+from video_diffusion.lifecycle.record import status_document
 
-log = logging.getLogger("webhooks")
+log = logging.getLogger(__name__)
 
 EVENTS = ("started", "ended")
 ATTEMPT_TIMEOUT = 5.0  # seconds for one attempt: connect, send, and the receiver's status line
@@ -155,7 +158,7 @@ class Delivery:
         return cls(**json.loads(text))
 
 
-def delivery_for(task) -> Delivery | None:
+def delivery_for(task, now: float) -> Delivery | None:
     """The delivery a task's new status calls for: `ended` for every end, `started` when asked for; else None."""
     webhook = getattr(task, "webhook", None)
     if not webhook:
@@ -166,11 +169,9 @@ def delivery_for(task) -> Delivery | None:
         event = "started"
     else:
         return None
-    from views import status_document
-
     body = json.dumps(status_document(task, queue_position=None))
     return Delivery(id=f"msg_{task.task_id}_{event}", task_id=task.task_id, event=event, url=webhook["url"],
-                    body=body, next_at=time.time())
+                    body=body, next_at=now)
 
 
 # --- sending -----------------------------------------------------------------------------------------
@@ -250,14 +251,17 @@ class Outbox(Protocol):
     def claim(self, now: float, limit: int) -> list[Delivery]: ...  # due ones, leased to this process
     def retry(self, delivery: Delivery) -> None: ...  # saved with its new attempts and next_at
     def remove(self, delivery: Delivery) -> None: ...  # delivered or dropped
+    def pending(self) -> int: ...  # deliveries not yet delivered or dropped
 
 
 class Dispatcher:
     """Sends what the outbox holds, in a few threads of its own: never in a request thread or the task runner.
     At least once: a delivery leaves the outbox only after a 2xx, a refusal, or its last attempt."""
 
-    def __init__(self, outbox: Outbox, allowed: tuple[Allowed, ...], secret: str | None, telemetry):
+    def __init__(self, outbox: Outbox, allowed: tuple[Allowed, ...], secret: str | None, telemetry,
+                 clock: Clock | None = None):
         self.outbox = outbox
+        self.clock = clock or Clock()  # when deliveries are due (the signature's timestamp is the real time)
         self.allowed = allowed
         self.secret = secret
         self.telemetry = telemetry
@@ -266,6 +270,19 @@ class Dispatcher:
         self._busy = 0  # deliveries handed to the pool and not yet done
         self.wake = threading.Event()
 
+    @classmethod
+    def for_settings(cls, outbox: Outbox, settings, telemetry, clock: Clock) -> Dispatcher:
+        """The dispatcher every process builds: WEBHOOK_ALLOW and WEBHOOK_SECRET from its settings."""
+        return cls(outbox, parse_allow(settings.webhook_allow or ()), settings.webhook_secret, telemetry, clock)
+
+    def notify(self, task) -> None:
+        """Queue the delivery the task's new status calls for, if any, and wake the senders (the outbox's error
+        when it cannot be kept)."""
+        delivery = delivery_for(task, self.clock.now())
+        if delivery is not None:
+            self.outbox.add(delivery)
+            self.wake.set()
+
     def run(self, stopping: threading.Event) -> None:
         """The loop a Supervisor runs: claim what is due, hand it to a sender thread."""
         while not stopping.is_set():
@@ -273,7 +290,7 @@ class Dispatcher:
             self.wake.clear()
             with self._lock:
                 free = SENDERS - self._busy
-            claimed = self.outbox.claim(time.time(), free) if free else []
+            claimed = self.outbox.claim(self.clock.now(), free) if free else []
             with self._lock:
                 self._busy += len(claimed)
             for delivery in claimed:
@@ -322,7 +339,7 @@ class Dispatcher:
             delay = RETRY_DELAYS[delivery.attempts - 1]
             log.info("webhook %s for task %s: attempt %d %s; retrying in %d s", delivery.id, delivery.task_id,
                      delivery.attempts, problem, delay)
-            delivery.next_at = time.time() + delay
+            delivery.next_at = self.clock.now() + delay
             self._outcome("retried")
             self.outbox.retry(delivery)
 
@@ -356,8 +373,6 @@ class FileOutbox:
         return self.folder / f"{delivery.id}.json"
 
     def add(self, delivery: Delivery) -> None:
-        from tasks import write_atomic
-
         write_atomic(self._path(delivery), lambda tmp: Path(tmp).write_text(delivery.to_json()))
         with self._lock:
             self._pending[delivery.id] = delivery

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from params import Param
+from video_diffusion.params import Param
 
 JSON = "application/json"
 

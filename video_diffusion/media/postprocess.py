@@ -15,7 +15,6 @@ import numpy as np
 
 from encoders import EncodingError
 
-
 # --- counting (what admission checks against MAX_OUTPUT_FRAMES) ---------------------------------------
 
 def chained_frames(num_frames: int, segments: int) -> int:

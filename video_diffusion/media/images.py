@@ -10,7 +10,7 @@ from functools import partial
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
+from video_diffusion.errors import ImageTooLarge, InvalidImage, InvalidParameter, MissingImage, UnsupportedMediaType
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ def open_image(data: bytes, max_pixels: int) -> Image.Image:
         raise MissingImage("the image is empty", field="image")
     fmt = sniff_format(data)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with warnings.catch_warnings():  # the size is checked below, against MAX_IMAGE_PIXELS, not Pillow's default
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             image = Image.open(io.BytesIO(data), formats=[fmt])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:  # past Pillow's own hard limit, which MAX_IMAGE_PIXELS stays under
         raise ImageTooLarge(f"the image exceeds the limit of {max_pixels} pixels", field="image") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
         raise _undecodable(fmt, exc) from None

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 from flask import Flask, current_app, g, jsonify, request
 from werkzeug.exceptions import HTTPException
 
-import errors
+from video_diffusion import errors
 
-log = logging.getLogger("server")
+log = logging.getLogger("video_diffusion.access")  # one line per request
 
 PUBLIC_ENDPOINTS = {"api.health", "api.livez"}  # and the web page's files (blueprint "page")
 QUIET_ENDPOINTS = {"api.health", "api.livez", "api.metrics", "page.static"}  # probed often: logged at debug

@@ -152,6 +152,18 @@ class TaskCanceled(ServiceError):
     status, code = 409, "canceled"
 
 
+# What a task that ends with one of these errors says (`record.failure` stores its code and this message).
+TASK_MESSAGES: dict[type[ServiceError], str] = {
+    TaskCanceled: "canceled by request",
+    QueueTimeout: "the task waited longer than QUEUE_TIMEOUT and never ran; submit it again",
+    ShuttingDown: "the service shut down before this task's turn; submit it again",
+    Interrupted: "the service stopped while this task was running; submit it again",
+    WorkerLost: "the worker running this task stopped (killed or lost); submit it again",
+    StorageFull: "the task's files could not be written or read (disk full or removed); submit it again",
+    GenerationFailed: "generation failed; the log has the details",
+    ServiceError: "the task runner failed; the log has the details",
+}
+
 # Failures stored on a task carry only a code and a message; this maps a code back to its error.
 BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ModelNotReady,
                                      ShuttingDown, InvalidParameter, QueueTimeout, WorkerLost, StorageFull,

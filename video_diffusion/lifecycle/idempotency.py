@@ -14,12 +14,13 @@ import hashlib
 import json
 import logging
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
 
-from errors import InvalidParameter, ServiceError
+from video_diffusion.clock import Clock
+from video_diffusion.errors import InvalidParameter, ServiceError
+from video_diffusion.files import write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,13 +78,12 @@ class Store(Protocol):
     def release(self, name: str) -> None: ...
 
 
-def stale(entry: Entry, now: float | None = None) -> bool:
-    return entry.task_id is None and (now or time.time()) - entry.claimed_at > CLAIM_SECONDS
+def stale(entry: Entry, now: float) -> bool:
+    return entry.task_id is None and now - entry.claimed_at > CLAIM_SECONDS
 
 
-def live(entry: Entry | None, ttl: int, now: float | None = None) -> Entry | None:
+def live(entry: Entry | None, ttl: int, now: float) -> Entry | None:
     """The entry unless it is past its RESULT_TTL or a stale claim."""
-    now = now or time.time()
     if entry is None or stale(entry, now) or now > entry.claimed_at + ttl:
         return None
     return entry
@@ -103,11 +103,12 @@ class FileStore:
     """The embedded backend's keys: `<VIDEO_OUTPUT_PATH>/.idempotency/<name>.json`, atomically written. One process
     owns the folder, so a lock in memory orders claims; claims of a previous process are dropped at start."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, clock: Clock):
         self.folder = folder
+        self.clock = clock
         self.folder.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        now = time.time()
+        now = clock.now()
         for path in self.folder.glob("*.json"):
             try:
                 entry = Entry.from_json(path.read_bytes())
@@ -135,7 +136,7 @@ class FileStore:
 
     def claim(self, name: str, entry: Entry, ttl: int) -> Entry | None:
         with self._lock:
-            existing = live(self.get(name), ttl)
+            existing = live(self.get(name), ttl, self.clock.now())
             if existing is not None:
                 return existing
             self._write(name, entry)
@@ -150,6 +151,4 @@ class FileStore:
             self._path(name).unlink(missing_ok=True)
 
     def _write(self, name: str, entry: Entry) -> None:
-        from tasks import write_atomic
-
         write_atomic(self._path(name), lambda tmp: Path(tmp).write_text(entry.to_json()))

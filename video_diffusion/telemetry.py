@@ -9,9 +9,9 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 
-from tasks import Task, TaskStatus
+from video_diffusion.lifecycle.record import Task, TaskStatus
 
-log = logging.getLogger("tasks")
+log = logging.getLogger("video_diffusion.tasks")  # one line per task event, whichever process
 PREFIX = "video_diffusion"
 _SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
 
@@ -91,6 +91,7 @@ class _BackendCollector:
         for name, help_text in (("queue_depth", "Tasks waiting to run."), ("tasks_running", "Tasks running now."),
                                 ("model_ready", "1 when a model is loaded and taking tasks."),
                                 ("workers_live", "Redis mode: workers with a fresh heartbeat."),
+                                ("webhooks_pending", "Webhook deliveries in the outbox: being sent, or due again."),
                                 ("gpu_memory_allocated_bytes", "CUDA memory allocated by tensors."),
                                 ("gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator."),
                                 ("gpu_memory_peak_bytes", "Peak CUDA memory allocated since start.")):

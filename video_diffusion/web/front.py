@@ -100,7 +100,7 @@ class _Conn(TConn):
 
 
 class FrontWorker(ThreadWorker):
-    """`worker_class = "front.FrontWorker"` in gunicorn.conf.py."""
+    """`worker_class = "video_diffusion.web.front.FrontWorker"` in gunicorn.conf.py."""
 
     def init_process(self):
         settings = load_settings()

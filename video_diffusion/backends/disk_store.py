@@ -19,7 +19,8 @@ from typing import BinaryIO
 from PIL import Image
 
 from encoders import FORMATS
-from tasks import CorruptRecord, Task, is_task_id, write_atomic
+from video_diffusion.files import write_atomic
+from video_diffusion.lifecycle.record import CorruptRecord, Task, is_task_id
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ def probe_folder(root: str | os.PathLike) -> None:
     os.close(lock_folder(root))
 
 
-class TaskStore:
+class DiskStore:
     """Task folders under one root."""
 
     def __init__(self, root: str | os.PathLike):

@@ -6,12 +6,11 @@ import base64
 import io
 import json
 import time
-from datetime import datetime, timezone
 
 from flask import Response, current_app, has_request_context, jsonify, request, send_file, stream_with_context
 
-import errors
-from tasks import Task, TaskStatus
+from video_diffusion import errors
+from video_diffusion.lifecycle.record import Task, TaskStatus, status_document
 
 EVENT_INTERVAL = 0.25  # seconds between checks of a task followed by /status/<id>/events
 EVENT_KEEPALIVE = 15.0  # seconds between comment lines that keep proxies from closing an idle stream
@@ -22,33 +21,10 @@ def _service():
     return current_app.extensions["video_diffusion"]
 
 
-def _iso(timestamp: float | None) -> str | None:
-    return None if timestamp is None else datetime.fromtimestamp(timestamp, timezone.utc).isoformat()
-
-
 def status_body(task: Task) -> dict:
     """The task as clients see it."""
     position = _service().backend.queue_position(task.task_id) if task.status is TaskStatus.QUEUED else None
     return status_document(task, position, request.script_root if has_request_context() else "")
-
-
-def status_document(task: Task, queue_position: int | None, root: str = "") -> dict:
-    """The task as JSON, the same from `/status` and in a webhook (whose URLs are relative to the API's root)."""
-    return {
-        "task_id": task.task_id, "status": task.status.value, "mode": task.mode,
-        "progress": {"phase": task.phase, "step": task.step, "total": task.total_steps},
-        "queue_position": queue_position,
-        "created_at": _iso(task.created_at), "started_at": _iso(task.started_at),
-        "finished_at": _iso(task.finished_at),
-        "seed": task.params["seed"], "params": task.params, "model": task.model, "timings": task.timings,
-        "error": task.error, "expired": task.expired,
-        "result": {k: task.result[k] for k in ("format", "content_type", "bytes", "frames")}
-        if task.result and task.status is TaskStatus.FINISHED else None,
-        "cached": task.cached_from is not None,
-        "status_url": f"{root}/status/{task.task_id}",
-        "result_url": f"{root}/results/{task.task_id}"
-        if task.status is TaskStatus.FINISHED and not task.expired else None,
-    }
 
 
 def status_response(task: Task, status_code: int, **headers: str):

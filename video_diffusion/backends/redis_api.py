@@ -1,0 +1,233 @@
+"""The API side of a Redis deployment: admits, enqueues, reads and cancels tasks; holds no model."""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from typing import BinaryIO
+
+import redis
+from PIL import Image
+
+from config import Settings
+from video_diffusion.clock import Clock
+from video_diffusion import errors
+from video_diffusion.backends.contract import Health, Places, derive_status
+from video_diffusion.backends.redis_store import (
+    REDIS_ERRORS,
+    TOMBSTONE_SECONDS,
+    RedisIdempotency,
+    RedisOutbox,
+    RedisStore,
+    connect,
+    redis_key,
+    unavailable_on_redis_errors,
+)
+from video_diffusion.backends.shared import answer_from_cache
+from video_diffusion.backends.supervisor import Supervisor
+from video_diffusion.delivery.webhooks import Dispatcher
+from video_diffusion.lifecycle.record import (
+    ModelState,
+    Task,
+    TaskStatus,
+    admit,
+    failure,
+    queue_timed_out,
+    result_expired,
+)
+
+log = logging.getLogger(__name__)
+
+# What an RQ job runs, by import path (a worker of an older release cannot run a job of a newer one: drain first).
+JOB_FUNCTION = "video_diffusion.backends.redis_worker.run_job"
+
+
+class RedisBackend:
+    """The API side: admits, enqueues, reads and cancels; a supervised reaper fails abandoned tasks."""
+
+    def __init__(self, settings: Settings, connection: redis.Redis | None = None, *, telemetry,
+                 clock: Clock | None = None):
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.redis = connection or connect(settings.redis)
+        self.store = RedisStore(self.redis, settings, self.clock)
+        self.queue = self.store.queue
+        self.telemetry = telemetry
+        self.supervisor = Supervisor()
+        self._lock = threading.RLock()
+        self._places = Places(self._lock)
+        self._draining = False
+        self.outbox = RedisOutbox(self.redis)
+        self.idempotency = RedisIdempotency(self.redis, self.clock)
+        self.dispatcher = Dispatcher.for_settings(self.outbox, settings, telemetry, self.clock)
+
+    def start(self) -> None:
+        self.supervisor.spawn("reaper", self._reap_loop)
+        self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
+
+    def _reap_loop(self) -> None:
+        while not self.supervisor.stopping.wait(max(1.0, self.settings.worker_ttl / 3)):
+            try:
+                self.store.reap()
+            except REDIS_ERRORS as exc:
+                log.warning("reaper: Redis unreachable (%s); retrying", exc)
+
+    def drain(self, timeout: float) -> None:
+        """Refuse new work; nothing runs in the API process, and gunicorn waits for requests in flight."""
+        self._draining = True
+
+    def stop(self) -> None:
+        self.supervisor.stop(5)
+        self.dispatcher.stop()
+        self.redis.close()
+
+    def admission(self, mode: str):
+        def check(held: int) -> None:
+            model, detail, waiting = self._capacity()
+            admit(mode, draining=self._draining, model=model, ready_detail=detail, waiting=waiting + held,
+                  max_queue=self.settings.max_queue)
+
+        return self._places.hold(check)
+
+    @unavailable_on_redis_errors
+    def _capacity(self) -> tuple[ModelState, str, int]:
+        return (*workers_verdict(self.store.workers()), self.queue.count)
+
+    @unavailable_on_redis_errors
+    def submit(self, task: Task, image: Image.Image) -> Task:
+        """Enqueue an admitted task (runs inside `admission()`), or answer it from the result cache."""
+        if not self._places.holding():
+            raise RuntimeError("submit() runs inside admission(), which holds the task's place in line")
+        if task.cache_key and (hit := self._answer_from_cache(task)) is not None:
+            return hit
+        png = io.BytesIO()
+        image.save(png, format="PNG", compress_level=1)
+        with self.redis.pipeline() as pipe:  # MULTI: the record, its input and its job exist together or not at all
+            pipe.multi()
+            pipe.set(redis_key("input", task.task_id), png.getvalue(), ex=self.settings.result_ttl)
+            pipe.set(redis_key("task", task.task_id), task.to_json(), ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
+            pipe.sadd("vd:queued", task.task_id)
+            # RQ's own timeout is a backstop behind the per-step JOB_TIMEOUT check, which fails cleanly.
+            self.queue.enqueue_call(JOB_FUNCTION, args=(task.task_id,), job_id=task.task_id, timeout=self.settings.job_timeout + 60, result_ttl=0,
+                                    failure_ttl=self.settings.result_ttl, pipeline=pipe)
+            with self._lock:
+                pipe.execute()
+                self._places.release()  # RQ's queue counts it now
+        self.telemetry.task_created(task)
+        return task
+
+    def _answer_from_cache(self, task: Task) -> Task | None:
+        original = self.redis.get(redis_key("cache", task.cache_key))
+        return answer_from_cache(self.get(original.decode()) if original else None, task, self.settings.result_ttl,
+                                 self._keep_hit, self.dispatcher, self.telemetry, self.clock.now())
+
+    def _keep_hit(self, hit: Task) -> bool:
+        with self._lock:
+            self.redis.set(redis_key("task", hit.task_id), hit.to_json(),
+                           ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
+            self._places.release()
+        return True
+
+    @unavailable_on_redis_errors
+    def get(self, task_id: str) -> Task | None:
+        task = self.store.load(task_id)
+        if task is None:
+            return None
+        self.store.fail_if_abandoned(task)
+        if queue_timed_out(task, self.settings.queue_timeout, self.clock.now()) and self.queue.remove(task_id):
+            self._end_now(task, failure(errors.QueueTimeout))  # LREM: only if no worker took it meanwhile
+        if task.status is TaskStatus.FINISHED:
+            task.expired = result_expired(task, self.settings.result_ttl, self.clock.now())
+        return task
+
+    def _end_now(self, task: Task, error: dict) -> None:
+        """End a task the API took out of RQ's queue (timed out or canceled): its job is deleted too."""
+        job = self.queue.fetch_job(task.task_id)
+        if job is not None:
+            job.delete(remove_from_queue=False)
+        status = TaskStatus.CANCELED if error["code"] == errors.TaskCanceled.code else TaskStatus.FAILED
+        if self.store.end(task, status, error):
+            self.telemetry.task_ended(task)
+        elif (current := self.store.load(task.task_id)) is not None:  # it ended otherwise meanwhile
+            task.__dict__.update(current.__dict__)
+
+    @unavailable_on_redis_errors
+    def result(self, task: Task) -> BinaryIO | None:
+        data = None if task.expired else self.redis.get(redis_key("result", task.cached_from or task.task_id))
+        return None if data is None else io.BytesIO(data)
+
+    @unavailable_on_redis_errors
+    def queue_position(self, task_id: str) -> int | None:
+        position = self.queue.get_job_position(task_id)
+        return None if position is None else position + 1
+
+    def wait(self, task_id: str, timeout: float) -> Task | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            task = self.get(task_id)
+            if task is None or task.status.terminal or time.monotonic() >= deadline:
+                return task
+            time.sleep(0.1)
+
+    @unavailable_on_redis_errors
+    def cancel(self, task_id: str) -> Task | None:
+        """A queued task still in RQ's queue ends now; otherwise its worker stops it at the next step."""
+        task = self.get(task_id)
+        if task is None or task.status.terminal:
+            return task
+        if task.status is TaskStatus.QUEUED and self.queue.remove(task_id):  # LREM: no worker can have it
+            self._end_now(task, failure(errors.TaskCanceled))
+            return task
+        self.redis.set(redis_key("cancel", task_id), "1", ex=self.settings.job_timeout + 120)
+        return task
+
+    def model_defaults(self) -> dict | None:
+        try:
+            ready = [w for w in self.store.workers() if w["state"] == "ready" and w.get("defaults")]
+        except REDIS_ERRORS:
+            return None
+        return ready[0]["defaults"] if ready else None
+
+    def metrics(self) -> dict:
+        try:
+            workers, waiting, pending = self.store.workers(), self.queue.count, self.outbox.pending()
+        except REDIS_ERRORS:
+            return {"model_ready": 0}
+        ready = [w for w in workers if w["state"] == "ready"]
+        return {"queue_depth": waiting, "workers_live": len(workers), "model_ready": int(bool(ready)),
+                "tasks_running": sum(1 for w in workers if w.get("task")), "webhooks_pending": pending}
+
+    def health(self) -> Health:
+        components = self.supervisor.states()
+        details = {"mode": "redis", "components": {name: state.value for name, state in components.items()}}
+        try:
+            workers, waiting = self.store.workers(), self.queue.count
+        except REDIS_ERRORS as exc:
+            log.warning("health: Redis unreachable: %s", exc)
+            return Health("unavailable", {**details, "redis": "unreachable"})
+        model, error = workers_verdict(workers)
+        status = derive_status(draining=self._draining, model=model, components=components)
+        ready = [w for w in workers if w["state"] == ModelState.READY.value]
+        details.update(redis="ok", workers=len(ready), workers_not_ready=len(workers) - len(ready),
+                       waiting=waiting, running=sum(1 for w in workers if w.get("task")))
+        if ready:
+            details.update({k: ready[0][k] for k in ("model", "noise", "device", "dtype")})
+        elif model is ModelState.FAILED:
+            details["error"] = {"code": "model_load_failed", "message": error}
+        return Health("no_workers" if status == "loading" else status, details)
+
+
+def workers_verdict(workers: list[dict]) -> tuple[ModelState, str]:
+    """What the live workers' heartbeats say of the model, for admission and `/health` alike, with a sentence
+    for clients: ready when any worker is; failed when every worker failed to load; else still to come."""
+    states = {w["state"] for w in workers}
+    if ModelState.READY.value in states:
+        return ModelState.READY, ""
+    if ModelState.WARMING_UP.value in states:
+        return ModelState.WARMING_UP, "the model is warming up (SVD_COMPILE); try again shortly"
+    failed = [w for w in workers if w["state"] == ModelState.FAILED.value]
+    if failed and ModelState.LOADING.value not in states:
+        return ModelState.FAILED, failed[0].get("error") or ""
+    return ModelState.LOADING, "no worker is ready to run it (start `python worker.py`)"

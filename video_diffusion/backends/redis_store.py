@@ -1,0 +1,309 @@
+"""Storage for the scale-out backend: tasks in Redis, run by RQ workers (`python worker.py`) that hold the model.
+
+This module is what both sides share (`redis_api.py` in the API, `redis_worker.py` in each worker): the keys, the
+Lua scripts, the task store, the webhook outbox and the Idempotency-Key store.
+
+API and workers share nothing but Redis: task records, input images and finished videos all live there,
+each with its TTL. Keys:
+
+    vd:task:<id>     the task record (JSON), kept RESULT_TTL + a week so expired results answer 410
+    vd:input:<id>    the normalised input image (PNG) until the task ends
+    vd:result:<id>   the video, for RESULT_TTL
+    vd:cache:<key>   result cache: the id of the task whose video answers a repeat of its request, until it expires
+    vd:cancel:<id>   set by DELETE /tasks/<id>; the worker stops at its next step
+    vd:worker:<name> a live worker's heartbeat (JSON, with the task it runs), expiring after WORKER_TTL
+    vd:queued        ids of queued tasks, checked against RQ's queue so none stays queued once its job is gone
+    vd:started       ids of running tasks, checked against the heartbeats to fail abandoned ones
+    vd:webhooks      pending webhook deliveries by due time; vd:webhook:<id> holds each (webhooks.py)
+    vd:idem:<hash>   an Idempotency-Key's request fingerprint and task (idempotency.py)
+
+Every change of a task's status is one compare-and-set (a Lua script): it applies only if the record is in a
+status the lifecycle allows it to leave (and, for a worker, still its own), with its side effects (the sets,
+the input, the video) in the same step. So a failed task can never become finished, last write never wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+
+import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job
+
+from config import Settings
+from video_diffusion.clock import Clock
+from video_diffusion import errors
+from video_diffusion.delivery.webhooks import LEASE_SECONDS, Delivery, delivery_for
+from video_diffusion.errors import BackendUnavailable
+from video_diffusion.lifecycle.idempotency import Entry, stale
+from video_diffusion.lifecycle.record import TOMBSTONE_SECONDS, CorruptRecord, Task, TaskStatus, failure, sources
+
+log = logging.getLogger(__name__)
+
+QUEUE_NAME = "video-diffusion"
+REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
+# A queued task is checked against RQ's lists only once it is this old: submission writes both in one
+# transaction, so this only guards against clock skew between machines.
+LOST_JOB_GRACE = 10.0
+
+# KEYS: task, started set, queued set, input, result, webhook outbox, webhook delivery.
+# ARGV: id, new record, record ttl, new status, expected worker ('' = any), result ttl, result ('' = none),
+#       delivery id ('' = none), delivery, delivery due time, then the statuses the task may be in.
+_TRANSITION = """
+local raw = redis.call('GET', KEYS[1])
+if not raw then return 0 end
+local current = cjson.decode(raw)
+local allowed = false
+for i = 11, #ARGV do
+  if current['status'] == ARGV[i] then allowed = true end
+end
+if not allowed then return 0 end
+if ARGV[5] ~= '' and current['worker'] ~= ARGV[5] then return 0 end
+redis.call('SET', KEYS[1], ARGV[2], 'EX', ARGV[3])
+local status = ARGV[4]
+if status == 'started' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SADD', KEYS[2], ARGV[1])
+elseif status ~= 'queued' then
+  redis.call('SREM', KEYS[3], ARGV[1])
+  redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('DEL', KEYS[4])
+  if ARGV[7] ~= '' then redis.call('SET', KEYS[5], ARGV[7], 'EX', ARGV[6]) end
+end
+if ARGV[8] ~= '' and current['status'] ~= status then
+  redis.call('SET', KEYS[7], ARGV[9], 'EX', ARGV[3])
+  redis.call('ZADD', KEYS[6], ARGV[10], ARGV[8])
+end
+return 1
+"""
+
+OUTBOX = "vd:webhooks"
+
+# Claim due deliveries: each is leased (re-scored to now + lease) so that one sender has it at a time, and
+# another takes it up when that sender dies. KEYS: outbox. ARGV: now, lease end, limit.
+_CLAIM = """
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
+return due
+"""
+
+
+def redis_key(kind: str, name: str) -> str:
+    return f"vd:{kind}:{name}"
+
+
+def connect(url: str, blocking: bool = False) -> redis.Redis:
+    """A client that fails fast when Redis is down (a worker's may block longer: it waits on the queue)."""
+    return redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=None if blocking else 3,
+                                retry=Retry(ExponentialBackoff(cap=0.5, base=0.1), 1), health_check_interval=15)
+
+
+def unavailable_on_redis_errors(method):
+    @functools.wraps(method)
+    def wrapper(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except REDIS_ERRORS as exc:
+            log.warning("Redis unreachable in %s: %s", method.__name__, exc)  # host and port: log only
+            raise BackendUnavailable("Redis is unreachable; try again shortly", retry_after=5) from None
+
+    return wrapper
+
+
+class RedisStore:
+    """Task records and their files in Redis; every status change a compare-and-set."""
+
+    def __init__(self, connection: redis.Redis, settings: Settings, clock: Clock):
+        self.redis = connection
+        self.settings = settings
+        self.clock = clock
+        self.queue = Queue(QUEUE_NAME, connection=connection)
+        self._transition = connection.register_script(_TRANSITION)
+
+    def load(self, task_id: str) -> Task | None:
+        data = self.redis.get(redis_key("task", task_id))
+        if data is None:
+            return None
+        try:
+            return Task.from_json(data)
+        except CorruptRecord as exc:
+            log.error("task %s: %s; deleting it", task_id, exc)
+            self.redis.delete(redis_key("task", task_id))
+            return None
+
+    def compare_and_set(self, task: Task, *, worker: str | None = None, result: bytes = b"",
+             expected: list[TaskStatus] | None = None) -> bool:
+        """Store `task` in its new status if the stored one may move there (or is in `expected`) and, given a
+        `worker`, is still that worker's; say whether it did. The webhook delivery a change of status calls for
+        joins the outbox in the same step."""
+        delivery = delivery_for(task, self.clock.now())
+        keys = [redis_key("task", task.task_id), "vd:started", "vd:queued", redis_key("input", task.task_id),
+                redis_key("result", task.task_id), OUTBOX, redis_key("webhook", delivery.id if delivery else "none")]
+        args = [task.task_id, task.to_json(), self.settings.result_ttl + TOMBSTONE_SECONDS, task.status.value,
+                worker or "", self.settings.result_ttl, result,
+                delivery.id if delivery else "", delivery.to_json() if delivery else "",
+                delivery.next_at if delivery else 0,
+                *(s.value for s in (expected or sources(task.status)))]
+        return bool(self._transition(keys=keys, args=args))
+
+    def job_lost(self, task: Task) -> bool:
+        """Whether a queued task's job is gone from everywhere a worker could still take it up, read through RQ's
+        public API in the order RQ moves a job: its queue, the intermediate list it pops jobs into, then the worker
+        it names on the job (set in the same transaction that takes the job off that list), so a job on the move
+        is always seen in one of them. A job counts as held only by a live worker: one whose heartbeat names that
+        RQ worker."""
+        if task.status is not TaskStatus.QUEUED or self.clock.now() - task.created_at < LOST_JOB_GRACE:
+            return False
+        if self.queue.get_job_position(task.task_id) is not None:
+            return False
+        if task.task_id in self.queue.intermediate_queue.get_job_ids():
+            return False
+        try:
+            holder = Job.fetch(task.task_id, connection=self.redis).worker_name
+        except NoSuchJobError:
+            holder = None
+        return not holder or holder not in {beat.get("rq_worker") for beat in self.workers()}
+
+    def heartbeat(self, name: str | None) -> dict | None:
+        data = self.redis.get(redis_key("worker", name)) if name else None
+        return json.loads(data) if data else None
+
+    def workers(self) -> list[dict]:
+        names = list(self.redis.scan_iter(match=redis_key("worker", "*"), count=100))
+        return [json.loads(v) for v in self.redis.mget(names) if v] if names else []
+
+    def end(self, task: Task, status: TaskStatus, error: dict | None, *, worker: str | None = None,
+            result: bytes = b"") -> bool:
+        """End `task` unless it already ended (or, for `worker`, is no longer its own)."""
+        ended = copy_of(task)
+        ended.finish(status, error, self.clock.now())
+        if not self.compare_and_set(ended, worker=worker, result=result):
+            return False
+        task.__dict__.update(ended.__dict__)
+        return True
+
+    def reap(self) -> None:
+        """Fail the tasks nobody will ever finish: running on a worker that is gone (or has moved on to another
+        task), or queued with their RQ job gone. Both the API and every worker call it."""
+        for raw_id in self.redis.smembers("vd:started"):
+            task = self.load(raw_id.decode())
+            if task is None or task.status is not TaskStatus.STARTED:
+                self.redis.srem("vd:started", raw_id)
+            else:
+                self.fail_if_abandoned(task)
+        for raw_id in self.redis.smembers("vd:queued"):
+            task_id = raw_id.decode()
+            task = self.load(task_id)
+            if task is None or task.status is not TaskStatus.QUEUED:
+                self.redis.srem("vd:queued", raw_id)
+            elif self.job_lost(task):
+                log.warning("task %s: its job left the queue with no live worker; failing it as abandoned", task_id)
+                self.end(task, TaskStatus.FAILED, failure(errors.WorkerLost))
+
+    def fail_if_abandoned(self, task: Task) -> None:
+        if task.status is not TaskStatus.STARTED:
+            return
+        beat = self.heartbeat(task.worker)
+        if beat is None or beat.get("task") != task.task_id:
+            if self.end(task, TaskStatus.FAILED, failure(errors.WorkerLost), worker=task.worker):
+                log.warning("task %s: its worker %s is gone; failed it as abandoned", task.task_id, task.worker)
+
+
+class RedisOutbox:
+    """Pending webhook deliveries in Redis: any API or worker process may send them (leased, at least once)."""
+
+    def __init__(self, connection: redis.Redis):
+        self.redis = connection
+        self._claim = connection.register_script(_CLAIM)
+        self._unreachable = False  # said once per outage, not every poll
+
+    def add(self, delivery: Delivery) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.set(redis_key("webhook", delivery.id), delivery.to_json(), ex=7 * 86400)
+            pipe.zadd(OUTBOX, {delivery.id: delivery.next_at})
+            pipe.execute()
+
+    def claim(self, now: float, limit: int) -> list[Delivery]:
+        try:
+            ids = self._claim(keys=[OUTBOX], args=[now, now + LEASE_SECONDS, limit])
+            found = self.redis.mget([redis_key("webhook", i.decode()) for i in ids]) if ids else []
+        except REDIS_ERRORS as exc:
+            if not self._unreachable:
+                log.warning("webhooks: Redis unreachable (%s); retrying", exc)
+            self._unreachable = True
+            return []
+        self._unreachable = False
+        deliveries = []
+        for raw_id, data in zip(ids, found):
+            if data is None:  # its record expired: nothing left to send
+                self.redis.zrem(OUTBOX, raw_id)
+                continue
+            deliveries.append(Delivery.from_json(data))
+        return deliveries
+
+    def retry(self, delivery: Delivery) -> None:
+        self.add(delivery)
+
+    def pending(self) -> int:
+        return self.redis.zcard(OUTBOX)
+
+    def remove(self, delivery: Delivery) -> None:
+        with self.redis.pipeline() as pipe:
+            pipe.zrem(OUTBOX, delivery.id)
+            pipe.delete(redis_key("webhook", delivery.id))
+            pipe.execute()
+
+
+class RedisIdempotency:
+    """The Redis backend's keys: `vd:idem:<name>`, claimed with SET NX, expiring after RESULT_TTL."""
+
+    def __init__(self, connection, clock: Clock):
+        self.redis = connection
+        self.clock = clock
+
+    @unavailable_on_redis_errors
+    def get(self, name: str) -> Entry | None:
+        data = self.redis.get(redis_key("idem", name))
+        return Entry.from_json(data) if data else None
+
+    @unavailable_on_redis_errors
+    def claim(self, name: str, entry: Entry, ttl: int) -> Entry | None:
+        key = redis_key("idem", name)
+        for _ in range(3):
+            if self.redis.set(key, entry.to_json(), nx=True, ex=ttl):
+                return None
+            existing = self.get(name)
+            if existing is None:
+                continue  # expired in between: try again
+            if not stale(existing, self.clock.now()):
+                return existing
+            # A stale claim: take it over only if it is still the one we read (no one else took it over first).
+            with self.redis.pipeline() as pipe:
+                try:
+                    pipe.watch(key)
+                    if pipe.get(key) != existing.to_json().encode():
+                        continue
+                    pipe.multi()
+                    pipe.set(key, entry.to_json(), ex=ttl)
+                    pipe.execute()
+                    return None
+                except redis.WatchError:  # someone else changed it: look again
+                    continue
+        return self.get(name)
+
+    @unavailable_on_redis_errors
+    def bind(self, name: str, entry: Entry, ttl: int) -> None:
+        self.redis.set(redis_key("idem", name), entry.to_json(), ex=ttl)
+
+    @unavailable_on_redis_errors
+    def release(self, name: str) -> None:
+        self.redis.delete(redis_key("idem", name))
+
+
+def copy_of(task: Task) -> Task:
+    return Task.from_json(task.to_json())

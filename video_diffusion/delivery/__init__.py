@@ -1,0 +1,1 @@
+"""Telling clients: signed webhooks and their outbox."""

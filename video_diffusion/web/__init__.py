@@ -1,0 +1,1 @@
+"""The HTTP front: the gunicorn worker, per-request middleware, responses and the OpenAPI document."""
