@@ -4,6 +4,8 @@ model's defaults and limits through the service, UNet work per video, seeds, and
 from __future__ import annotations
 
 import io
+import json
+import shutil
 import zipfile
 
 import numpy as np
@@ -297,3 +299,15 @@ def test_the_memory_options_apply_to_it_as_to_any_model(lcm_dir, lcm_generator, 
     assert frames.shape == reference.shape == (14, 64, 64, 3)
     # Chunking changes nothing but memory; bfloat16 rounds (mean 0.9 here), where another seed moves ~25.
     assert np.abs(frames.astype(int) - reference).mean() <= (0 if "SVD_FORWARD_CHUNKING" in env else 4)
+
+
+def test_a_folder_saved_before_the_modules_moved_still_loads(lcm_dir, tmp_path):
+    """Older releases saved the scheduler's module as `animatelcm`: such a folder loads with the same sampler."""
+    old = tmp_path / "older-animatelcm"
+    shutil.copytree(lcm_dir, old)
+    index = json.loads((old / "model_index.json").read_text())
+    assert index["scheduler"] == ["video_diffusion.models.animatelcm", "AnimateLCMScheduler"]
+    index["scheduler"][0] = "animatelcm"
+    (old / "model_index.json").write_text(json.dumps(index))
+    generator = load_generator(load_settings({"SVD_MODEL": str(old)}, dotenv_path=None))
+    assert type(generator.pipe.scheduler).__name__ == "AnimateLCMScheduler" and generator.model.max_steps == 40
