@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable, Mapping
 
 from dotenv import dotenv_values
@@ -98,9 +98,12 @@ class Settings:
     does not override it)."""
 
     svd_model: str | None = _setting(None, _optional_text,
-        "`svd`, `svd-xt`, `svd-xt-1-1`, `animatelcm-svd-xt` (4 steps), any Hugging Face repo id, a local "
-        "diffusers folder, or `tiny` (random weights, output is noise). Unset: `svd-xt` when a GPU is found, "
-        "else `tiny`.")
+        "The model: `svd`, `svd-xt`, `svd-xt-1-1`, `animatelcm-svd-xt` (4 steps), `wan2.2-ti2v-5b`, "
+        "`wan2.1-i2v-14b-480p`, `wan2.1-i2v-14b-720p`, `ltx-video`, any Hugging Face repo id, a local diffusers "
+        "folder (its family read from its `model_index.json`), or `tiny`, `tiny-wan`, `tiny-ltx` (random weights, "
+        "output is noise). Unset: `svd-xt` when a GPU is found, else `tiny`.")
+    model: str | None = _setting(None, _optional_text,
+        "The same setting as `SVD_MODEL` under a neutral name: set either (both, only to the same value).")
     svd_device: str = _setting("auto", _choice("auto", "cuda", "mps", "cpu"), "`auto` picks cuda, then mps, then cpu.")
     svd_dtype: str = _setting("auto", _choice("auto", "float16", "bfloat16", "float32"),
         "`auto`: float16 (fp16 weights) on cuda, float32 elsewhere.")
@@ -115,11 +118,13 @@ class Settings:
     cuda_visible_devices: str | None = _setting(None, _optional_text,
         "Which GPU(s) the process sees (read by CUDA; set it before the model loads).")
     video_width: int | None = _setting(None, _int(64, 2048, optional=True),
-        "Default `width` (the model's own when unset: 1024, tiny 256).")
+        "Default `width`, a multiple of what the model needs (8 for SVD, 16 or 32 for Wan, 32 for LTX-Video); "
+        "unset: the model's own.")
     video_height: int | None = _setting(None, _int(64, 2048, optional=True),
-        "Default `height` (the model's own when unset: 576, tiny 144).")
-    video_frames: int | None = _setting(None, _int(14, 30, optional=True),
-        "Default `num_frames` (the model's own when unset: svd 14, svd-xt 25, tiny 14).")
+        "Default `height`, as `VIDEO_WIDTH`.")
+    video_frames: int | None = _setting(None, _int(1, 1000, optional=True),
+        "Default `num_frames`, within the model's range and rule (svd 14-30; wan 4k+1; ltx-video 8k+1); unset: the "
+        "model's own.")
     video_output_path: str = _setting("./data/videos", _text,
         "Where task records, inputs and videos are written (`/data/videos` in the image).")
     result_ttl: int = _setting(86400, _int(1), "Seconds a finished video stays downloadable.")
@@ -213,6 +218,11 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
             shown = "(hidden)" if var.name in SECRETS else repr(raw)
             raise ConfigError(f"{var.name}={shown}: {exc}{where}") from None
     settings = Settings(**values)
+    if settings.model and settings.svd_model and settings.model != settings.svd_model:
+        raise ConfigError(f"MODEL={settings.model!r} and SVD_MODEL={settings.svd_model!r}: they are the same setting; "
+                          "set one of them")
+    if settings.model:
+        settings = replace(settings, svd_model=settings.model)
     if (settings.video_width is None) != (settings.video_height is None):
         raise ConfigError("VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither")
     for name in ("video_width", "video_height"):

@@ -1,8 +1,10 @@
 """Model choice, loading and generation: with the model-side modules it imports (`video_diffusion/models/`),
 the only code that imports torch and diffusers.
 
-torch and those modules are imported inside functions so that the API process of a Redis deployment, which holds
-no model, never pays for them.
+Which family a model belongs to (SVD, Wan, LTX-Video) decides its pipeline class, parameters, defaults and rules
+(`video_diffusion/models/families.py`); the rest of the service does not know which one it runs. torch and the
+family modules' model code are imported inside functions, so that the API process of a Redis deployment, which
+holds no model, never pays for them.
 """
 
 from __future__ import annotations
@@ -20,30 +22,19 @@ import numpy as np
 
 from config import Settings
 from video_diffusion.errors import OutOfMemory
+from video_diffusion.models import svd
 from video_diffusion.models.contract import NOISE_NOTE, ModelInfo, Progress
-from video_diffusion.params import DEFAULT_MAX_GUIDANCE
+from video_diffusion.models.families import (FAMILIES, TINY_MARKER, UnknownFamily, family_named, family_of_folder,
+                                             tiny_defaults)
 
 log = logging.getLogger(__name__)
 
-REPOS = {
-    "svd": ("stabilityai/stable-video-diffusion-img2vid", 14),
-    "svd-xt": ("stabilityai/stable-video-diffusion-img2vid-xt", 25),
-    "svd-xt-1-1": ("stabilityai/stable-video-diffusion-img2vid-xt-1-1", 25),
-}
-TINY = "tiny"
-# A folder saved by save_tiny_pipeline carries this file, so the service knows its output is noise.
-TINY_MARKER = "video_diffusion.json"
-TINY_DEFAULTS = {"num_frames": 14, "num_inference_steps": 8, "width": 256, "height": 144,
-                 "max_guidance_scale": DEFAULT_MAX_GUIDANCE}
-SVD_DEFAULTS = {"num_frames": 25, "num_inference_steps": 25, "width": 1024, "height": 576,
-                "max_guidance_scale": DEFAULT_MAX_GUIDANCE}
-# AnimateLCM-SVD-xt (video_diffusion/models/animatelcm.py): SVD-XT's parts, its distilled UNet weights, and the consistency sampler.
-ANIMATELCM = "animatelcm-svd-xt"
-ANIMATELCM_WEIGHTS = ("wangfuyun/AnimateLCM-SVD-xt", "AnimateLCM-SVD-xt-1.1.safetensors")
-# The authors' recommended sampling: 4 steps, guidance from 1 at the first frame to 1.2 at the last.
-CONSISTENCY_DEFAULTS = {"num_inference_steps": 4, "max_guidance_scale": 1.2}
-CONSISTENCY_SCHEDULER = "AnimateLCMScheduler"  # a folder whose scheduler is this samples as AnimateLCM does
-ANIMATELCM_LEVELS = 40  # noise levels of the published AnimateLCM-SVD-xt sampler: the most steps it takes
+# The SVD family's names, as earlier releases had them here (tests and benchmarks patch REPOS).
+REPOS, TINY, ANIMATELCM = svd.REPOS, svd.TINY, svd.ANIMATELCM
+# dtype `auto` on CUDA, per family: SVD ships fp16 weights; Wan and LTX-Video are trained and published in bf16.
+CUDA_DTYPES = {"svd": "float16", "wan": "bfloat16", "ltx": "bfloat16"}
+SVD_XT = svd.describe("svd-xt", None, None)  # what an API that knows no model yet checks requests against
+
 
 def has_gpu() -> bool:
     import torch
@@ -52,119 +43,76 @@ def has_gpu() -> bool:
 
 
 def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
-    """What `SVD_MODEL` names, with its default frames, steps, size and guidance (`VIDEO_*` settings win). Reads
-    no weights and imports no torch: the API process of a Redis deployment asks too."""
+    """What `MODEL` (or `SVD_MODEL`) names, with its defaults and limits (`VIDEO_*` settings win, checked against
+    the model's rules). Reads no weights and imports no torch: the API process of a Redis deployment asks too."""
     name = settings.svd_model or ("svd-xt" if gpu else TINY)
-    weights, levels = None, None
-    if name == TINY:
-        defaults, source, noise = dict(TINY_DEFAULTS), None, True
-    elif name in REPOS:
-        source, frames = REPOS[name]
-        defaults, noise = dict(SVD_DEFAULTS, num_frames=frames), False
-    elif name == ANIMATELCM:
-        source, noise, weights = REPOS["svd-xt"][0], False, ANIMATELCM_WEIGHTS
-        defaults, levels = dict(SVD_DEFAULTS), ANIMATELCM_LEVELS
-    elif (Path(name) / TINY_MARKER).is_file():
-        defaults = json.loads((Path(name) / TINY_MARKER).read_text())["defaults"]
-        levels = _consistency_levels(Path(name))
-        source, noise, name = name, True, TINY if levels is None else f"{TINY}-animatelcm"
-    else:
-        defaults, source, noise = dict(SVD_DEFAULTS), name, False
-        if Path(name).is_dir():  # public answers name the folder, not where it is
-            levels = _consistency_levels(Path(name))
-            name = Path(name).name
-    if levels is not None:
-        defaults.update(CONSISTENCY_DEFAULTS, num_inference_steps=min(CONSISTENCY_DEFAULTS["num_inference_steps"],
-                                                                      levels))
-    for key, value in (("num_frames", settings.video_frames), ("width", settings.video_width),
-                       ("height", settings.video_height)):
+    folder = Path(name) if Path(name).is_dir() else None
+    family = family_named(name) or (family_of_folder(folder) if folder is not None else _family_of_repo(name))
+    model = family.describe(name, folder, tiny_defaults(folder) if folder is not None else None)
+    for key, variable in (("num_frames", "VIDEO_FRAMES"), ("width", "VIDEO_WIDTH"), ("height", "VIDEO_HEIGHT")):
+        value = getattr(settings, variable.lower())
         if value is not None:
-            defaults[key] = value
-    return ModelInfo(name=name, source=source, noise=noise, defaults=defaults, max_steps=levels,
-                     unet_weights=weights)
+            _check_against_model(variable, value, model)
+            model.defaults[key] = value
+    return model
 
 
-def _consistency_levels(folder: Path) -> int | None:
-    """How many noise levels the AnimateLCM scheduler a model folder names steps through (the most steps a request
-    may ask for); None when its scheduler is another one, or the folder names none."""
+def _family_of_repo(repo: str):
+    """A repo id's family from its model_index.json if the Hugging Face cache has it; else SVD (as before)."""
     try:
-        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    if not isinstance(config, dict) or config.get("_class_name") != CONSISTENCY_SCHEDULER:
-        return None
-    return int(config.get("num_train_timesteps", ANIMATELCM_LEVELS))
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(repo, "model_index.json")
+    except Exception:  # noqa: BLE001 - not a repo id the hub library accepts: SVD's loader says what is wrong
+        return svd
+    return family_of_folder(Path(cached).parent) if isinstance(cached, str) else svd
 
 
-def build_tiny_pipeline():
-    """A small random-weight StableVideoDiffusionPipeline from the real diffusers classes, same every time.
+def _check_against_model(variable: str, value: int, model: ModelInfo) -> None:
+    least, most, step = model.frames
+    if variable == "VIDEO_FRAMES" and not (least <= value <= most and (value - 1) % step == 0):
+        rule = f", {step}k+1" if step > 1 else ""
+        raise LoadSettingError(f"VIDEO_FRAMES={value} does not fit {model.name}: it takes {least} to {most} "
+                               f"frames{rule}")
+    if variable != "VIDEO_FRAMES" and value % model.size_multiple:
+        raise LoadSettingError(f"{variable}={value} does not fit {model.name}: sizes must be multiples of "
+                               f"{model.size_multiple}")
 
-    Shaped like diffusers' own fast tests, with the real model's x8 VAE so that sizes mean what they do
-    for SVD, and one attention head and layer per block so a 256x144 video takes seconds on a CPU.
-    """
-    import torch
+
+def build_tiny_pipeline(family: str = "svd", **options):
+    """The tiny random-weight pipeline of a family (built from the real diffusers classes), as it serves."""
+    import diffusers
+
     _quiet_processor_warning()
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        unet = UNetSpatioTemporalConditionModel(
-            block_out_channels=(32, 64), layers_per_block=1, sample_size=32, in_channels=8, out_channels=4,
-            down_block_types=("CrossAttnDownBlockSpatioTemporal", "DownBlockSpatioTemporal"),
-            up_block_types=("UpBlockSpatioTemporal", "CrossAttnUpBlockSpatioTemporal"),
-            cross_attention_dim=32, num_attention_heads=1, projection_class_embeddings_input_dim=96,
-            addition_time_embed_dim=32)
-        vae = AutoencoderKLTemporalDecoder(block_out_channels=[32, 32, 64, 64], in_channels=3, out_channels=3,
-                                           down_block_types=["DownEncoderBlock2D"] * 4, latent_channels=4)
-        # The pipeline resizes the image to 224x224 for CLIP, so the encoder must take 224.
-        encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=32, projection_dim=32, num_hidden_layers=5, num_attention_heads=4, image_size=224,
-            intermediate_size=37, patch_size=32))
-    return assemble(unet, vae, encoder)
+    module = FAMILIES[family]
+    pipe = module.build_tiny(**options)
+    serving = getattr(diffusers, module.PIPELINE)
+    return pipe if isinstance(pipe, serving) else serving(**pipe.components)
 
 
-def assemble(unet, vae, encoder):
-    """A StableVideoDiffusionPipeline around these models, with SVD's own scheduler and image processor.
-
-    CLIP's image processor on Pillow, chosen explicitly: the pipeline resizes with Pillow anyway, and left to itself
-    transformers looks for torchvision and prints a warning that reads like a missing dependency."""
-    from diffusers import EulerDiscreteScheduler, StableVideoDiffusionPipeline
-    from transformers import CLIPImageProcessorPil
-
-    scheduler = EulerDiscreteScheduler(  # SVD-XT's published scheduler config
-        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", interpolation_type="linear",
-        num_train_timesteps=1000, prediction_type="v_prediction", sigma_max=700.0, sigma_min=0.002,
-        steps_offset=1, timestep_spacing="leading", timestep_type="continuous", use_karras_sigmas=True)
-    pipe = StableVideoDiffusionPipeline(vae=vae, image_encoder=encoder, unet=unet, scheduler=scheduler,
-                                        feature_extractor=CLIPImageProcessorPil(crop_size=224, size=224))
-    for module in (unet, vae, encoder):
-        module.eval()  # built from configs they start in train mode; from_pretrained gives eval mode
-    return pipe
-
-
-def save_tiny_pipeline(path: str | os.PathLike, animatelcm: bool = False) -> None:
-    """Save the tiny pipeline as a diffusers folder that `SVD_MODEL=<path>` serves; with `animatelcm`, it samples
-    with AnimateLCM's consistency scheduler (the UNet stays random: the scheduler is what is exercised)."""
-    pipe = build_tiny_pipeline()
-    if animatelcm:
-        from video_diffusion.models.animatelcm import AnimateLCMScheduler
-
-        pipe.scheduler = AnimateLCMScheduler()
+def save_tiny_pipeline(path: str | os.PathLike, animatelcm: bool = False, family: str = "svd",
+                       **options) -> None:
+    """Save a family's tiny pipeline as a diffusers folder that `MODEL=<path>` serves; with `animatelcm` (SVD), it
+    samples with AnimateLCM's consistency scheduler (the UNet stays random: the scheduler is what is exercised)."""
+    module = FAMILIES[family]
+    _quiet_processor_warning()
+    pipe = module.build_tiny(animatelcm=animatelcm) if animatelcm else module.build_tiny(**options)
     pipe.save_pretrained(path)
-    (Path(path) / TINY_MARKER).write_text(json.dumps({"tiny": True, "defaults": TINY_DEFAULTS}))
+    (Path(path) / TINY_MARKER).write_text(json.dumps({"tiny": True, "family": family,
+                                                      "defaults": module.TINY_DEFAULTS}))
 
 
 class VideoGenerator:
-    """One loaded pipeline; generates one video at a time."""
+    """One loaded pipeline of any family; generates one video at a time."""
 
     def __init__(self, pipe, model: ModelInfo, device: str, dtype: str, *, deep_cache=None,
                  compiled: bool = False, cache_interval: int = 1):
         self.pipe = pipe
         self.model = model
+        self.family = FAMILIES[model.family]
         self.device = device
         self.dtype = dtype
-        self.deep_cache = deep_cache  # speedups.DeepCache on the UNet, reset for every call
+        self.deep_cache = deep_cache  # speedups.DeepCache on SVD's UNet, reset for every call
         self.compiled = compiled
         self.needs_warm_up = compiled  # backends call warm_up() before taking work
         self.default_cache_interval = cache_interval
@@ -176,11 +124,12 @@ class VideoGenerator:
         steps for both kinds of step (full, and with the deep blocks reused) to be compiled."""
         from PIL import Image
 
-        from video_diffusion.params import PARAMS, resolve_defaults
+        from video_diffusion.params import resolve_defaults
 
-        params = resolve_defaults({p.name: p.default for p in PARAMS}, self.model.defaults)
-        params.update(seed=0, cache_interval=self.default_cache_interval,
-                      num_inference_steps=max(2, self.default_cache_interval + 1))
+        params = resolve_defaults({}, self.model.defaults, self.model.family)
+        params.update(seed=0, num_inference_steps=max(2, self.default_cache_interval + 1))
+        if "cache_interval" in params:
+            params["cache_interval"] = self.default_cache_interval
         image = Image.new("RGB", (params["width"], params["height"]), (128, 128, 128))
         started = time.perf_counter()
         self.generate(image, params, lambda *_: None)
@@ -212,15 +161,8 @@ class VideoGenerator:
                 self._shapes_seen.add(shape)
             try:
                 with torch.inference_mode():
-                    frames = self.pipe(
-                        image, width=image.width, height=image.height, num_frames=params["num_frames"],
-                        num_inference_steps=total, fps=params["fps"], motion_bucket_id=params["motion_bucket_id"],
-                        noise_aug_strength=params["noise_aug_strength"],
-                        decode_chunk_size=params["decode_chunk_size"],
-                        min_guidance_scale=params["min_guidance_scale"],
-                        max_guidance_scale=params["max_guidance_scale"],
-                        generator=generator,
-                        output_type="np", callback_on_step_end=on_step_end).frames[0]
+                    frames = self.pipe(**self.family.call_arguments(image, params), generator=generator,
+                                       output_type="np", callback_on_step_end=on_step_end).frames[0]
             except torch.OutOfMemoryError:
                 raise OutOfMemory(f"the {self.device} ran out of memory; try fewer frames, a smaller size or a "
                                   "lower decode_chunk_size") from None
@@ -229,7 +171,7 @@ class VideoGenerator:
                     self.pipe.scheduler.generator = None
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
-        return (np.clip(frames, 0.0, 1.0) * 255).round().astype(np.uint8)
+        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
 
     def describe(self) -> dict[str, Any]:
         """What /health and a worker's heartbeat say about the loaded model."""
@@ -265,14 +207,15 @@ def _describe(exc: BaseException) -> str:
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     text = str(exc)
-    if isinstance(exc, LoadSettingError):
+    if isinstance(exc, (LoadSettingError, UnknownFamily)):
         return text
     if isinstance(exc, GatedRepoError):
         return ("the model is gated on Hugging Face: accept its licence there and set HF_TOKEN, or set SVD_MODEL "
                 "to a local folder")
     if isinstance(exc, RepositoryNotFoundError) or "neither a valid local path nor a valid repo id" in text:
-        return ("SVD_MODEL names neither a model folder on this machine nor a model repository: use svd, svd-xt, "
-                "svd-xt-1-1, a Hugging Face repo id or a folder saved in diffusers layout")
+        return ("MODEL/SVD_MODEL names neither a model folder on this machine nor a model repository: use svd, "
+                "svd-xt, svd-xt-1-1, animatelcm-svd-xt, wan2.2-ti2v-5b, wan2.1-i2v-14b-480p, wan2.1-i2v-14b-720p, "
+                "ltx-video, a Hugging Face repo id or a folder saved in diffusers layout")
     if isinstance(exc, OSError) and any(s in text for s in ("not fully cached", "connect", "offline", "resolve")):
         return ("the model could not be downloaded: no access to the model hub; check the network, set HF_TOKEN "
                 "for gated models, or set SVD_MODEL to a local folder")
@@ -293,12 +236,12 @@ def _pick_device(requested: str) -> str:
 
 
 def load_generator(settings: Settings) -> VideoGenerator:
-    """Load the pipeline `SVD_MODEL` names onto its device, with the memory and speed options set."""
+    """Load the pipeline `MODEL` names onto its device, with the family's class and the memory and speed options."""
     if settings.cuda_visible_devices is not None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.cuda_visible_devices)
+    import diffusers
     import torch
     _quiet_processor_warning()
-    from diffusers import StableVideoDiffusionPipeline
 
     # A folder may name our scheduler's module; diffusers loads only modules already imported. Folders saved before
     # the modules moved into video_diffusion/ name it `animatelcm`.
@@ -306,49 +249,73 @@ def load_generator(settings: Settings) -> VideoGenerator:
     sys.modules.setdefault("animatelcm", animatelcm)
 
     device = _pick_device(settings.svd_device)
-    model = describe_model(settings, gpu=device != "cpu")
-    dtype_name = settings.svd_dtype if settings.svd_dtype != "auto" else ("float16" if device == "cuda"
-                                                                          else "float32")
+    model = _described_for_loading(settings, gpu=device != "cpu")
+    family = FAMILIES[model.family]
+    dtype_name = settings.svd_dtype if settings.svd_dtype != "auto" else (CUDA_DTYPES[model.family]
+                                                                          if device == "cuda" else "float32")
     dtype = getattr(torch, dtype_name)
     if model.source is None:
-        pipe = build_tiny_pipeline()
+        pipe = build_tiny_pipeline(model.family)
         if dtype != torch.float32:
             pipe.to(dtype=dtype)
     else:
         if device == "cpu" and not model.noise:
-            log.warning("SVD_MODEL=%s on a CPU: %s", model.name, CPU_NOTE)
+            log.warning("MODEL=%s on a CPU: %s", model.name, CPU_NOTE)
         try:
-            pipe = _from_pretrained(StableVideoDiffusionPipeline, model.source, dtype, dtype_name == "float16",
-                                    **_animatelcm_parts(model))
-            if model.unet_weights is not None:
-                from video_diffusion.models.animatelcm import load_unet_weights
-
-                load_unet_weights(pipe.unet, *model.unet_weights)
+            pipe = _from_pretrained(getattr(diffusers, family.PIPELINE), model.source, dtype,
+                                    dtype_name == "float16", **family.loading_parts(model))
+            family.after_loading(pipe, model)
         except Exception as exc:
             if device == "cpu" and not model.noise:
                 exc.add_note(CPU_NOTE)
             raise
     if model.noise:
-        log.warning("serving %s: %s. Set SVD_MODEL=svd-xt (or svd) on a GPU machine for real videos.",
+        log.warning("serving %s: %s. Set MODEL=svd-xt, wan2.2-ti2v-5b or ltx-video on a GPU machine for real videos.",
                     model.name, NOISE_NOTE)
     pipe.set_progress_bar_config(disable=True)
-    if settings.svd_offload != "none":
-        if device != "cuda":
-            raise LoadSettingError(f"SVD_OFFLOAD={settings.svd_offload} needs a CUDA device; this one is {device}")
-        if settings.svd_offload == "model":
-            pipe.enable_model_cpu_offload()
-        else:
-            pipe.enable_sequential_cpu_offload()
-    else:
-        pipe.to(device)
-    if settings.svd_forward_chunking:
-        pipe.unet.enable_forward_chunking()
-    from video_diffusion.models.speedups import DeepCache, install_cross_attention
+    _place(pipe, settings.svd_offload, device)
+    return _with_speedups(pipe, model, settings, device, dtype_name)
 
-    install_cross_attention(pipe.unet)
-    if settings.svd_compile:
-        compile_blocks(pipe.unet)
-    deep_cache = DeepCache(pipe.unet)  # after compiling: its bookkeeping stays outside the compiled graphs
+
+def _described_for_loading(settings: Settings, gpu: bool) -> ModelInfo:
+    """describe_model, after fetching a repo id's model_index.json (so its family is known; a named model's is)."""
+    name = settings.svd_model or ""
+    if name and family_named(name) is None and not Path(name).is_dir() and "/" in name:
+        try:
+            from huggingface_hub import hf_hub_download
+
+            hf_hub_download(name, "model_index.json")
+        except Exception:  # noqa: BLE001 - loading the weights says what is wrong, in the words the user needs
+            log.info("could not fetch %s's model_index.json; loading it as an SVD model", name)
+    return describe_model(settings, gpu)
+
+
+def _place(pipe, offload: str, device: str) -> None:
+    if offload == "none":
+        pipe.to(device)
+        return
+    if device != "cuda":
+        raise LoadSettingError(f"SVD_OFFLOAD={offload} needs a CUDA device; this one is {device}")
+    if offload == "model":
+        pipe.enable_model_cpu_offload()
+    else:
+        pipe.enable_sequential_cpu_offload()
+
+
+def _with_speedups(pipe, model: ModelInfo, settings: Settings, device: str, dtype_name: str) -> VideoGenerator:
+    """SVD: chunked feed-forward, one-token cross-attention, deep-feature reuse; every family: SVD_COMPILE."""
+    deep_cache = None
+    if model.family == "svd":
+        if settings.svd_forward_chunking:
+            pipe.unet.enable_forward_chunking()
+        from video_diffusion.models.speedups import DeepCache, install_cross_attention
+
+        install_cross_attention(pipe.unet)
+        if settings.svd_compile:
+            compile_blocks(pipe.unet)
+        deep_cache = DeepCache(pipe.unet)  # after compiling: its bookkeeping stays outside the compiled graphs
+    elif settings.svd_compile:
+        compile_blocks(FAMILIES[model.family].denoiser(pipe))
     return VideoGenerator(pipe, model, device, dtype_name, deep_cache=deep_cache, compiled=settings.svd_compile,
                           cache_interval=settings.svd_cache_interval)
 
@@ -356,14 +323,19 @@ def load_generator(settings: Settings) -> VideoGenerator:
 COMPILE_BACKEND = "inductor"  # tests use "eager": the same tracing, without minutes of code generation on a CPU
 
 
-def compile_blocks(unet) -> None:
-    """torch.compile each down, mid and up block of the UNet. Not the UNet as one graph: the deep-feature reuse
-    decides in Python, between blocks, which ones run. No CUDA graphs ("reduce-overhead"): their outputs are
-    overwritten by the next replay, and the reuse keeps one block's output across steps."""
+def compile_blocks(denoiser) -> None:
+    """torch.compile each block of the denoiser: the UNet's down, mid and up blocks, a transformer's blocks. Not the
+    network as one graph: the deep-feature reuse decides in Python, between blocks, which ones run. No CUDA graphs
+    ("reduce-overhead"): their outputs are overwritten by the next replay, and the reuse keeps one block's output
+    across steps."""
     import torch
 
     torch._logging.set_logs(recompiles=True)  # a new shape compiles again: say so in the log
-    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks]:
+    if hasattr(denoiser, "down_blocks"):
+        blocks = [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+    else:
+        blocks = list(getattr(denoiser, "blocks", None) or denoiser.transformer_blocks)
+    for block in blocks:
         block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
 
 
@@ -378,15 +350,6 @@ def _quiet_processor_warning() -> None:
     here: drop exactly it, before diffusers is imported. One filter however often this runs (the logger keeps a
     filter once)."""
     logging.getLogger("transformers.utils.import_utils").addFilter(_drop_torchvision_notice)
-
-
-def _animatelcm_parts(model: ModelInfo) -> dict[str, Any]:
-    """from_pretrained's overrides for AnimateLCM-SVD-xt: its sampler instead of the source's Euler scheduler."""
-    if model.unet_weights is None:
-        return {}
-    from video_diffusion.models.animatelcm import AnimateLCMScheduler
-
-    return {"scheduler": AnimateLCMScheduler()}
 
 
 def _from_pretrained(cls, source: str, dtype, want_fp16_variant: bool, **parts):

@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings
-from pipeline import describe_model
+from pipeline import SVD_XT, LoadSettingError, describe_model
 from video_diffusion import errors
 from video_diffusion.backends.contract import Backend
 from video_diffusion.clock import Clock
@@ -25,7 +25,9 @@ from video_diffusion.delivery.webhooks import check_url, parse_allow, parse_even
 from video_diffusion.lifecycle import idempotency
 from video_diffusion.lifecycle.record import Task, TaskStatus, cache_key, is_task_id, new_task_id
 from video_diffusion.media.images import decode_image, open_image, target_size
-from video_diffusion.params import DEFAULT_MAX_GUIDANCE, capped, parse_params, schema
+from video_diffusion.models.contract import ModelInfo
+from video_diffusion.models.families import UnknownFamily
+from video_diffusion.params import Param, parse_params, schema, schema_for
 from video_diffusion.telemetry import Telemetry, configure_logging
 from video_diffusion.web import middleware
 from video_diffusion.web.openapi import build_document
@@ -51,19 +53,26 @@ class Service:
         self.settings = settings
         self.backend = backend
         self.telemetry = telemetry
-        # What a request that leaves num_frames or max_guidance_scale to the model is checked with: the configured
-        # model's, else (the model is chosen by the hardware a worker finds) the most frames any model has.
-        model = describe_model(settings, gpu=False) if settings.svd_model else None
-        self.default_frames = settings.video_frames or (model.defaults["num_frames"] if model else 25)
-        self.default_max_guidance = model.defaults.get("max_guidance_scale", DEFAULT_MAX_GUIDANCE) if model \
-            else DEFAULT_MAX_GUIDANCE
-        max_steps = min(settings.max_steps, model.max_steps or settings.max_steps) if model else settings.max_steps
-        self.params = capped(settings.max_dimension, max_steps, settings.svd_cache_interval)
+        # The model this deployment names, when it names one; a Redis API that names none learns it from its
+        # workers' heartbeats (served_model), and until one is ready checks requests against SVD-XT's schema.
+        self.configured = _configured_model(settings)
         # What "the same model" means for the result cache.
         self.model_key = f"{settings.svd_model or 'default'}|{settings.svd_dtype}|{settings.svd_device}"
         self.webhook_allow = parse_allow(settings.webhook_allow or ())
         self.decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
         self.streams = threading.BoundedSemaphore(settings.max_event_streams)
+
+    def served_model(self) -> ModelInfo:
+        return self.backend.served_model() or self.configured or SVD_XT
+
+    def schema(self, model: ModelInfo | None = None) -> tuple[Param, ...]:
+        """The parameters this deployment accepts for the served model."""
+        model = model or self.served_model()
+        settings = self.settings
+        max_steps = min(settings.max_steps, model.max_steps or settings.max_steps)
+        return schema_for(model.family, max_dimension=settings.max_dimension, max_steps=max_steps,
+                          cache_interval=settings.svd_cache_interval, frames=model.frames,
+                          size_multiple=model.size_multiple, fps=model.defaults.get("fps", 6))
 
     def drain(self) -> None:
         """On SIGTERM: refuse new work, let the running task finish, keep queued async tasks for the next start."""
@@ -91,6 +100,15 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     app.register_blueprint(page)
     middleware.init_app(app)
     return app
+
+
+def _configured_model(settings: Settings) -> ModelInfo | None:
+    if not settings.svd_model:
+        return None
+    try:
+        return describe_model(settings, gpu=False)
+    except (LoadSettingError, UnknownFamily):  # the backend's load fails with the same sentence, in /health
+        return None
 
 
 def _make_backend(settings: Settings, load, telemetry: Telemetry, clock: Clock) -> Backend:
@@ -127,8 +145,9 @@ def generate():
 def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Task:
     """Validate, decode and hand the task to the backend (the caller holds an admission place)."""
     generation = {k: v for k, v in raw.items() if k not in WEBHOOK_FIELDS}
-    params = parse_params(generation, service.params, max_output_frames=service.settings.max_output_frames,
-                          default_frames=service.default_frames, default_max_guidance=service.default_max_guidance)
+    model = service.served_model()
+    params = parse_params(generation, service.schema(model), max_output_frames=service.settings.max_output_frames,
+                          defaults=model.defaults, served=model.name)
     webhook = _webhook(service, raw)
     image = open_image(data, service.settings.max_image_pixels)  # the header alone
     if params["sizing"] == "source":
@@ -251,19 +270,19 @@ def metrics():
 
 @api.get("/openapi.json")
 def openapi():
-    return jsonify(build_document(_service().params))
+    return jsonify(build_document(_service().schema()))
 
 
 @api.get("/params")
 def params():
     """The generation parameters as this deployment accepts them: what the web page builds its controls from."""
     service = _service()
-    described = schema(service.params)
-    defaults = service.backend.model_defaults() or {}
+    model = service.served_model()
+    described = schema(service.schema(model))
     for item in described:  # what "decided by the model" means on this server now, for the page to show
-        if item["default"] is None and item["name"] in defaults:
-            item["effective_default"] = defaults[item["name"]]
-    return jsonify({"params": described})
+        if item["default"] is None and item["name"] in model.defaults:
+            item["effective_default"] = model.defaults[item["name"]]
+    return jsonify({"params": described, "model": model.name, "family": model.family})
 
 
 @page.get("/")

@@ -44,7 +44,7 @@ def build(folder: Path) -> float:
     from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from pipeline import assemble
+    from video_diffusion.models.svd import assemble
 
     started = time.perf_counter()
     torch.manual_seed(0)

@@ -11,8 +11,9 @@ const PHASE_TEXT = { waiting: "Waiting", loading: "Loading the image", denoising
                      decoding: "Decoding frames", "matching colour": "Matching the segments' colours",
                      looping: "Making the loop", interpolating: "Interpolating frames", retiming: "Dropping frames",
                      encoding: "Encoding the video", done: "Done" };
-// Shown up front (with the image: 6 controls); every other parameter goes under Advanced.
-const BASIC = ["motion_bucket_id", "num_frames", "fps", "seed", "format"];
+// Shown up front (with the image); every other parameter goes under Advanced. Only what the served model takes
+// comes from /params: an SVD server has motion, a Wan or LTX-Video one a prompt.
+const BASIC = ["prompt", "motion_bucket_id", "num_frames", "fps", "seed", "format"];
 const LABELS = {
   motion_bucket_id: "Motion amount", fps: "Frames per second", num_frames: "Frames",
   decode_chunk_size: "Frames decoded at once (lower = less GPU memory)", num_inference_steps: "Denoising steps",
@@ -20,6 +21,7 @@ const LABELS = {
   max_guidance_scale: "Guidance at the last frame", seed: "Seed", width: "Width", height: "Height",
   sizing: "Fitting the image", format: "Format", loop: "Loop", output_fps: "Playback rate (fps)",
   segments: "Segments (longer video)", cache_interval: "Reuse deep features every N steps (faster)",
+  prompt: "Prompt", negative_prompt: "Negative prompt", guidance_scale: "Prompt guidance",
 };
 const NO_SLIDER = ["seed", "width", "height", "output_fps"];
 let current = null;  // {taskId, controller, started, firstStep} of the task being followed
@@ -104,15 +106,19 @@ function buildField(param) {
   if (param.enum) {
     input = document.createElement("select");
     for (const choice of param.enum) input.append(new Option(choice, choice, false, choice === param.default));
+  } else if (param.type === "string") {
+    input = Object.assign(document.createElement("textarea"), { rows: param.name === "prompt" ? 3 : 2,
+      maxLength: param.maxLength, value: param.default || "" });
+    input.placeholder = param.name === "prompt" ? "A slow pan across the scene, soft light" : "blurry, distorted";
   } else {
     input = Object.assign(document.createElement("input"), { type: "number", inputMode: param.type === "integer" ? "numeric" : "decimal" });
     input.min = param.minimum; input.max = param.maximum;
-    input.step = param.multipleOf || (param.type === "integer" ? 1 : "any");
+    input.step = param.step || param.multipleOf || (param.type === "integer" ? 1 : "any");
     if (param.default !== null) input.value = param.default;
     else input.placeholder = param.name === "output_fps" ? "= fps" : (fallback !== null ? String(fallback) : "");
     if (!NO_SLIDER.includes(param.name)) {
       slider = Object.assign(document.createElement("input"), { type: "range", min: param.minimum, max: param.maximum,
-        step: param.multipleOf || (param.type === "integer" ? 1 : (param.maximum - param.minimum) / 100) });
+        step: param.step || param.multipleOf || (param.type === "integer" ? 1 : (param.maximum - param.minimum) / 100) });
       slider.id = `slider-${param.name}`;
       slider.value = input.value || fallback || param.minimum;
       slider.setAttribute("aria-label", `${LABELS[param.name] || param.name} (slider)`);
@@ -122,7 +128,8 @@ function buildField(param) {
     }
   }
   Object.assign(input, { id, name: param.name });
-  const range = param.enum ? "" : ` (${param.minimum}–${param.maximum}${fallback !== null && param.default === null ? `, default ${fallback}` : ""})`;
+  const range = param.enum ? "" : param.type === "string" ? ` (at most ${param.maxLength} characters)`
+    : ` (${param.minimum}–${param.maximum}${param.step ? `, every ${param.step}th from ${param.minimum}` : ""}${fallback !== null && param.default === null ? `, default ${fallback}` : ""})`;
   const help = Object.assign(document.createElement("span"), { className: "help", id: `${id}-help`,
     textContent: `${param.help}${range}`.replace(/`/g, "") });
   const error = Object.assign(document.createElement("p"), { className: "error", role: "alert" });
@@ -206,7 +213,11 @@ function curlCommand() {
   const lines = [`curl -X POST ${quote(`${location.origin}/generate`)}`];
   if (needsKey || apiKey()) lines.push(`-H ${quote("Authorization: Bearer YOUR_API_KEY")}`);
   lines.push(`-F ${quote(`image=@${file}`)}`);
-  for (const [name, value] of Object.entries(values)) lines.push(`-F ${quote(`${name}=${value}`)}`);
+  // Text goes as --form-string: curl would read a -F value starting with @ or < as a file.
+  for (const [name, value] of Object.entries(values)) {
+    const text = schema.find((p) => p.name === name)?.type === "string";
+    lines.push(`${text ? "--form-string" : "-F"} ${quote(`${name}=${value}`)}`);
+  }
   lines.push(`--output ${quote(`video.${extension}`)}`);
   return lines.join(" \\\n  ");
 }

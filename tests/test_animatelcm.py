@@ -237,9 +237,9 @@ def test_loading_puts_the_distilled_weights_over_the_base_unet(tmp_path, monkeyp
 
 
 def lcm_request(generator) -> dict:
-    from video_diffusion.params import PARAMS, resolve_defaults
+    from video_diffusion.params import resolve_defaults
 
-    params = resolve_defaults({p.name: p.default for p in PARAMS}, generator.model.defaults)
+    params = resolve_defaults({}, generator.model.defaults)
     return {**params, "seed": 1, "width": 64, "height": 64, "num_frames": 14}
 
 
@@ -281,12 +281,26 @@ def test_through_redis_the_worker_samples_it_and_refuses_more_steps_than_it_has(
         assert done["status"] == "finished", done
         assert (done["params"]["num_inference_steps"], done["params"]["max_guidance_scale"]) == (4, 1.2)
         assert done["model"].startswith("tiny-animatelcm")
-        refused = poll(client, submit(client, **small, num_inference_steps=41).json["task_id"], ended)
-        assert refused["status"] == "failed" and refused["error"]["code"] == "invalid_parameter"
-        assert refused["error"]["message"] == "`num_inference_steps` must be at most 40 with tiny-animatelcm, got 41"
+        # The heartbeat carries the sampler's limit too: the API refuses at once (the worker's own check, for
+        # requests an API let in before any worker was ready, is the next test).
+        refused = submit(client, **small, num_inference_steps=41)
+        assert refused.status_code == 422 and refused.json["error"]["field"] == "num_inference_steps"
+        assert "1 to 40" in refused.json["error"]["message"]
     finally:
         app.extensions["video_diffusion"].backend.stop()
         worker.stop()
+
+
+def test_a_task_asking_more_steps_than_the_sampler_has_fails_where_it_runs(lcm_generator, tmp_path):
+    from video_diffusion.lifecycle.recipe import execute
+    from video_diffusion.lifecycle.record import Task, TaskStatus, new_task_id
+
+    task = Task(task_id=new_task_id(), mode="async", params={"seed": 1, "num_inference_steps": 41, "width": 64,
+                                                              "height": 64})
+    status, error = execute(lcm_generator, task, lambda: Image.new("RGB", (64, 64)), tmp_path / "video",
+                            lambda *_: None)
+    assert status is TaskStatus.FAILED and error == {
+        "code": "invalid_parameter", "message": "`num_inference_steps` must be at most 40 with tiny-animatelcm, got 41"}
 
 
 @pytest.mark.parametrize("env", [{"SVD_FORWARD_CHUNKING": "true"}, {"SVD_DTYPE": "bfloat16"}])

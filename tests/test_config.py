@@ -38,7 +38,8 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path):
     ({"PORT": "70000"}, "PORT='70000': must be between 1 and 65535"),
     ({"SVD_OFFLOAD": "gpu"}, "SVD_OFFLOAD='gpu': must be one of none, model, sequential"),
     ({"SVD_COMPILE": "maybe"}, "SVD_COMPILE='maybe': must be true or false"),
-    ({"VIDEO_FRAMES": "40"}, "VIDEO_FRAMES='40': must be between 14 and 30"),
+    ({"VIDEO_FRAMES": "1001"}, "VIDEO_FRAMES='1001': must be between 1 and 1000"),  # the model checks the rest
+    ({"MODEL": "tiny-wan", "SVD_MODEL": "tiny"}, "MODEL='tiny-wan' and SVD_MODEL='tiny': they are the same"),
     ({"MAX_QUEUE": "0"}, "MAX_QUEUE='0': must be between 1 and 100000"),
     ({"VIDEO_WIDTH": "512"}, "VIDEO_WIDTH and VIDEO_HEIGHT: set both or neither"),
     ({"VIDEO_WIDTH": "500", "VIDEO_HEIGHT": "320"}, "VIDEO_WIDTH=500: must be a multiple of 8"),

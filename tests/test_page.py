@@ -307,3 +307,25 @@ def test_with_an_api_key_the_page_asks_for_it(browser, keyed_server, picture):
     page.click("#generate")
     expect(page.locator("#result-media img")).to_be_visible(timeout=60_000)
     context.close()
+
+
+def test_a_wan_server_shows_a_prompt_box_and_no_svd_controls(browser, tmp_path, picture):
+    with ready_gunicorn(tmp_path / "wan", {"MODEL": "tiny-wan"}) as server:
+        context = browser.new_context(viewport={"width": 1000, "height": 1400})
+        try:
+            page = context.new_page()
+            page.goto(server.url + "/")
+            prompt = page.get_by_label("Prompt", exact=True)
+            expect(prompt).to_be_visible()  # up front, with the image
+            expect(page.get_by_label("Negative prompt", exact=True)).to_be_hidden()  # under Advanced
+            expect(page.get_by_label("Motion amount", exact=True)).to_have_count(0)
+            page.set_input_files("#image", str(picture))
+            prompt.fill("a boat at dusk, slow pan")
+            fill(page, seed=5)
+            page.click("#generate")
+            expect(page.locator("#result-media video")).to_be_visible(timeout=60_000)
+            task_id = page.evaluate("() => JSON.parse(localStorage.getItem('video-diffusion.recent'))[0].id")
+            status = page.evaluate(f"async () => (await (await fetch('/status/{task_id}')).json())")
+            assert status["params"]["prompt"] == "a boat at dusk, slow pan" and status["params"]["num_frames"] == 9
+        finally:
+            context.close()

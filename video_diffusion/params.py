@@ -1,4 +1,8 @@
-"""The one schema of generation parameters: validation, README's table and the API docs derive from it."""
+"""The one schema of generation parameters: validation, README's table and the API docs derive from it.
+
+Every parameter is declared once here; one that only some model families take names them (`families`), and a
+deployment's schema is the served model's share of it, narrowed by the model's limits and the settings
+(`schema_for`)."""
 
 from __future__ import annotations
 
@@ -12,7 +16,11 @@ from video_diffusion.errors import InvalidParameter, UnknownParameter
 from video_diffusion.media.postprocess import output_frames
 
 MAX_SEED = 2**32 - 1
-DEFAULT_MAX_GUIDANCE = 3.0  # SVD's; a model may name its own (pipeline.CONSISTENCY_DEFAULTS)
+DEFAULT_MAX_GUIDANCE = 3.0  # SVD's; a model may name its own (models/svd.py: CONSISTENCY_DEFAULTS)
+MAX_PROMPT = 2000  # characters
+FAMILIES = {"svd": "SVD", "wan": "Wan", "ltx": "LTX-Video"}  # family -> how users name it
+SVD = ("svd",)
+PROMPTED = ("wan", "ltx")
 
 
 @dataclass(frozen=True)
@@ -26,14 +34,25 @@ class Param:
     choices: tuple[str, ...] = ()
     multiple_of: int | None = None
     default_text: str | None = None  # how README shows a default that is decided later
+    remainder: int = 0  # with multiple_of: value % multiple_of == remainder (1: Wan's 4k+1 frames)
+    max_length: int | None = None  # text without choices: at most this many characters
+    families: tuple[str, ...] = ()  # the families whose models take it; empty: every family
 
     def allowed(self) -> str:
         if self.choices:
             return "one of " + ", ".join(self.choices)
+        if self.type is str:
+            return f"text of at most {self.max_length} characters"
         text = f"{_fmt(self.minimum)} to {_fmt(self.maximum)}"
-        if self.multiple_of:
+        if self.multiple_of and self.remainder:
+            first = self.minimum + (self.remainder - self.minimum) % self.multiple_of
+            text += f", {self.multiple_of}k+{self.remainder} ({', '.join(str(int(first + i * self.multiple_of)) for i in range(3))}, ...)"
+        elif self.multiple_of:
             text += f", a multiple of {self.multiple_of}"
         return text
+
+    def taken_by(self, family: str) -> bool:
+        return not self.families or family in self.families
 
     def parse(self, raw: str) -> Any:
         """The typed value of `raw`, or InvalidParameter naming the field, the value and what is allowed."""
@@ -42,6 +61,11 @@ class Param:
             if text.lower() not in self.choices:
                 raise self._invalid(raw)
             return text.lower()
+        if self.type is str:
+            if len(text) > self.max_length:
+                raise InvalidParameter(f"`{self.name}` must be at most {self.max_length} characters, got "
+                                       f"{len(text)}", field=self.name)
+            return text
         try:
             value = self.type(text)
         except ValueError:
@@ -50,7 +74,8 @@ class Param:
                                    field=self.name) from None
         if isinstance(value, float) and not math.isfinite(value):
             raise self._invalid(raw)
-        if not self.minimum <= value <= self.maximum or (self.multiple_of and value % self.multiple_of):
+        if not self.minimum <= value <= self.maximum or (self.multiple_of
+                                                          and value % self.multiple_of != self.remainder):
             raise self._invalid(raw)
         return value
 
@@ -68,25 +93,34 @@ LOOPS = ("none", "pingpong", "crossfade")
 GIF_MAX_FPS = 50  # GIF delays are hundredths of a second, and browsers slow down delays under 2 of them
 
 PARAMS = (
-    Param("motion_bucket_id", int, 127, "Motion intensity: higher moves more.", 1, 255),
-    Param("fps", int, 6, "Frames per second: the playback rate and the model's fps conditioning.", 1, 30),
+    Param("prompt", str, "", "What the video should show, in words (UTF-8); empty: guided by the image alone.",
+          max_length=MAX_PROMPT, families=PROMPTED),
+    Param("negative_prompt", str, "", "What the video should not show.", max_length=MAX_PROMPT, families=PROMPTED),
+    Param("guidance_scale", float, None, "How strongly the prompt steers (classifier-free guidance). Above 1 the "
+          "transformer runs twice per step (with and without the prompt); 1 turns guidance off.", 1, 20,
+          default_text="model's (wan 5.0, ltx-video 3.0)", families=PROMPTED),
+    Param("motion_bucket_id", int, 127, "Motion intensity: higher moves more.", 1, 255, families=SVD),
+    Param("fps", int, None, "Frames per second: the playback rate (and SVD's and LTX's fps conditioning).", 1, 30,
+          default_text="model's (svd 6, wan 16 or 24, ltx-video 24)"),
     Param("num_frames", int, None, "Number of frames to generate.", 14, 30,
-          default_text="model's (svd 14, svd-xt 25, tiny 14) or `VIDEO_FRAMES`"),
-    Param("decode_chunk_size", int, 8, "Frames the VAE decodes at once: lower needs less GPU memory.", 1, 16),
+          default_text="model's or `VIDEO_FRAMES` (svd 14, svd-xt 25; wan 4k+1: 81 or 121; ltx 8k+1: 161)"),
+    Param("decode_chunk_size", int, 8, "Frames the VAE decodes at once: lower needs less GPU memory.", 1, 16,
+          families=SVD),
     Param("num_inference_steps", int, None, "Denoising steps: more is slower and cleaner.", 1, 100,
-          default_text="25 (tiny: 8, animatelcm-svd-xt: 4, at most 40)"),
+          default_text="model's (svd 25, animatelcm-svd-xt 4 of at most 40, wan and ltx-video 50; tiny ones 2-8)"),
     Param("noise_aug_strength", float, 0.02, "Noise added to the input image: higher departs further from it.",
-          0, 1),
-    Param("min_guidance_scale", float, 1.0, "Guidance at the first frame.", 0, 20),
+          0, 1, families=SVD),
+    Param("min_guidance_scale", float, 1.0, "Guidance at the first frame.", 0, 20, families=SVD),
     Param("max_guidance_scale", float, None, "Guidance at the last frame (at least min_guidance_scale). Above 1 the "
           "UNet runs twice per step (with and without the image).", 0, 20,
-          default_text="3.0 (animatelcm-svd-xt: 1.2)"),
+          default_text="3.0 (animatelcm-svd-xt: 1.2)", families=SVD),
     Param("seed", int, None, "Random seed; the same seed and parameters give the same video.", 0, MAX_SEED,
           default_text="random (returned in `X-Seed`)"),
-    Param("width", int, None, "Output width in pixels.", 64, 2048, multiple_of=8,
-          default_text="`VIDEO_WIDTH`, else 1024 (tiny: 256)"),
-    Param("height", int, None, "Output height in pixels.", 64, 2048, multiple_of=8,
-          default_text="`VIDEO_HEIGHT`, else 576 (tiny: 144)"),
+    Param("width", int, None, "Output width in pixels, a multiple of what the model needs (svd 8, wan 2.1 16, "
+          "wan 2.2 and ltx-video 32).", 64, 2048, multiple_of=8,
+          default_text="`VIDEO_WIDTH`, else the model's (svd 1024, wan 2.2 1280, ltx-video 704; tiny 256 or 64)"),
+    Param("height", int, None, "Output height in pixels (multiples as for width).", 64, 2048, multiple_of=8,
+          default_text="`VIDEO_HEIGHT`, else the model's (svd 576, wan 2.2 704, ltx-video 480; tiny 144 or 64)"),
     Param("sizing", str, "crop", "How the image meets width x height: `crop` covers then centre-crops; `fit` "
           "keeps the aspect inside width x height, sides rounded down to multiples of 64; `source` uses the "
           "image's own size rounded to 64.", choices=SIZINGS),
@@ -100,34 +134,63 @@ PARAMS = (
           f"GIF: at most {GIF_MAX_FPS}.", 1, 60, default_text="`fps`"),
     Param("cache_interval", int, 1, "Speed against fidelity: N > 1 runs the UNet's deep blocks every N-th step only "
           "and reuses their output in between (DeepCache); 1 computes every step. 2 or 3 is faster with a small "
-          "change in the frames.", 1, 5, default_text="`SVD_CACHE_INTERVAL`, else 1"),
+          "change in the frames.", 1, 5, default_text="`SVD_CACHE_INTERVAL`, else 1", families=SVD),
     Param("segments", int, 1, "Longer videos: each segment continues from the last frame of the one before "
           "(seed + 1 each), colour-matched to the first; N + (segments - 1) x (N - 1) frames.", 1, 4),
 )
 NAMES = tuple(p.name for p in PARAMS)
+BY_NAME = {p.name: p for p in PARAMS}
 
 
-def capped(max_dimension: int, max_steps: int, cache_interval: int = 1) -> tuple[Param, ...]:
-    """The schema as one deployment accepts it: MAX_DIMENSION and MAX_STEPS narrow the ranges, SVD_CACHE_INTERVAL
-    sets the default `cache_interval`."""
-    caps = {"width": max_dimension, "height": max_dimension, "num_inference_steps": max_steps}
-    params = tuple(replace(p, maximum=min(p.maximum, caps[p.name])) if p.name in caps else p for p in PARAMS)
-    return tuple(replace(p, default=cache_interval) if p.name == "cache_interval" else p for p in params)
+def schema_for(family: str, *, max_dimension: int, max_steps: int, cache_interval: int = 1,
+               frames: tuple[int, int, int] = (14, 30, 1), size_multiple: int = 8, fps: int = 6) -> tuple[Param, ...]:
+    """The schema one deployment accepts: the served family's parameters, num_frames and the sizes by the model's
+    rules, its frame rate the default `fps`, MAX_DIMENSION and MAX_STEPS narrowing the ranges, SVD_CACHE_INTERVAL
+    the default `cache_interval`."""
+    least, most, step = frames
+    changes = {
+        "width": {"maximum": min(2048, max_dimension), "multiple_of": size_multiple,
+                  "minimum": max(64, size_multiple)},
+        "height": {"maximum": min(2048, max_dimension), "multiple_of": size_multiple,
+                   "minimum": max(64, size_multiple)},
+        "num_inference_steps": {"maximum": min(100, max_steps)},
+        "num_frames": {"minimum": least, "maximum": most, "multiple_of": step if step > 1 else None,
+                       "remainder": 1 if step > 1 else 0},
+        "cache_interval": {"default": cache_interval},
+        "fps": {"default": fps},
+    }
+    return tuple(replace(p, **changes.get(p.name, {})) for p in PARAMS if p.taken_by(family))
 
 
-def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS, *, max_output_frames: int = 600,
-                 default_frames: int = 25, default_max_guidance: float = DEFAULT_MAX_GUIDANCE) -> dict[str, Any]:
-    """Validate raw form/query values; returns every parameter, None where the model decides later.
+def taken_by(name: str) -> str:
+    """Which models take a parameter, in words: "Wan and LTX-Video models"."""
+    return " and ".join(FAMILIES[f] for f in BY_NAME[name].families) + " models"
 
-    The seed is drawn here when not given, so a client learns it before the task runs. `default_frames` and
-    `default_max_guidance` are the model's, assumed when the request leaves them to it, to check limits now.
+
+def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = (), *, max_output_frames: int = 600,
+                 defaults: Mapping[str, Any] | None = None, served: str = "this model") -> dict[str, Any]:
+    """Validate raw form/query values against the served schema `params` (SVD's when not given); returns each of
+    its parameters, None where the model decides later.
+
+    The seed is drawn here when not given, so a client learns it before the task runs. `defaults` are the model's
+    (num_frames, fps, max_guidance_scale), assumed where the request leaves a value to it, to check limits now. A
+    parameter of another family is refused, naming the models that take it and `served`: never silently ignored.
     """
+    params = params or tuple(p for p in PARAMS if p.taken_by("svd"))
+    defaults = {"num_frames": 25, "fps": 6, "max_guidance_scale": DEFAULT_MAX_GUIDANCE, **(defaults or {})}
+    default_max_guidance = defaults["max_guidance_scale"]
     unknown = sorted(set(raw) - set(NAMES))
     if unknown:
         raise UnknownParameter(f"unknown parameter `{unknown[0]}`; known: {', '.join(NAMES)}", field=unknown[0])
+    schema_names = {p.name for p in params}
+    foreign = [name for name in NAMES if name in raw and name not in schema_names]
+    if foreign:
+        raise InvalidParameter(f"`{foreign[0]}` is taken by {taken_by(foreign[0])}; this server serves {served}",
+                               field=foreign[0])
     values = {p.name: p.parse(raw[p.name]) if raw.get(p.name, "").strip() else p.default for p in params}
-    given = values["max_guidance_scale"]
-    if values["min_guidance_scale"] > (default_max_guidance if given is None else given):
+    given = values.get("max_guidance_scale")
+    if "min_guidance_scale" in values and values["min_guidance_scale"] > (default_max_guidance if given is None
+                                                                          else given):
         raise InvalidParameter(
             f"`min_guidance_scale` ({values['min_guidance_scale']}) must not exceed `max_guidance_scale` "
             f"({given if given is not None else f'the model default, {default_max_guidance}'})",
@@ -138,10 +201,11 @@ def parse_params(raw: Mapping[str, str], params: tuple[Param, ...] = PARAMS, *, 
                                    field=name)
         if values[name] is not None and values[other] is None:
             raise InvalidParameter(f"`{other}` is needed with `{name}`", field=other)
-    if values["format"] == "gif" and (values["output_fps"] or values["fps"]) > GIF_MAX_FPS:
+    fps = values["fps"] or defaults["fps"]
+    if values["format"] == "gif" and (values["output_fps"] or fps) > GIF_MAX_FPS:
         raise InvalidParameter(f"`output_fps` must be at most {GIF_MAX_FPS} with format=gif (GIF frame delays are "
                                f"hundredths of a second), got {values['output_fps']}", field="output_fps")
-    check_output_frames(values, values["num_frames"] or default_frames, max_output_frames)
+    check_output_frames({**values, "fps": fps}, values["num_frames"] or defaults["num_frames"], max_output_frames)
     if values["seed"] is None:
         values["seed"] = secrets.randbelow(MAX_SEED + 1)
     return values
@@ -165,13 +229,18 @@ def check_output_frames(values: Mapping[str, Any], num_frames: int, limit: int) 
                            f"MAX_OUTPUT_FRAMES is {limit}", field=named[-1])
 
 
-def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill what the model decides (`num_frames`, `num_inference_steps`, `width`, `height`, `max_guidance_scale`)."""
-    resolved = {**{p.name: p.default for p in PARAMS}, **values}  # a record from before a parameter existed
-    for name in ("num_frames", "num_inference_steps", "width", "height"):
-        if resolved[name] is None:
+def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, Any],
+                     family: str = "svd") -> dict[str, Any]:
+    """Fill what the model decides (`num_frames`, `num_inference_steps`, `width`, `height`, `fps` where the model
+    has its own, `max_guidance_scale`, `guidance_scale`): the family's parameters, each with a value."""
+    own = [p for p in PARAMS if p.taken_by(family)]
+    resolved = {**{p.name: p.default for p in own}, **values}  # a record from before a parameter existed
+    for name in ("num_frames", "num_inference_steps", "width", "height", "guidance_scale"):
+        if name in resolved and resolved[name] is None:
             resolved[name] = model_defaults[name]
-    if resolved["max_guidance_scale"] is None:
+    if resolved["fps"] is None:
+        resolved["fps"] = model_defaults.get("fps", 6)
+    if family == "svd" and resolved["max_guidance_scale"] is None:
         # An API that could not tell the model checked min against 3.0: the model's own never goes below min.
         resolved["max_guidance_scale"] = max(model_defaults.get("max_guidance_scale", DEFAULT_MAX_GUIDANCE),
                                              resolved["min_guidance_scale"])
@@ -188,9 +257,13 @@ def schema(params: tuple[Param, ...] = PARAMS) -> list[dict[str, Any]]:
                 "default": p.default, "help": p.help}
         if p.choices:
             item["enum"] = list(p.choices)
+        elif p.type is str:
+            item["maxLength"] = p.max_length
         else:
             item["minimum"], item["maximum"] = p.minimum, p.maximum
-        if p.multiple_of:
+        if p.multiple_of and p.remainder:  # minimum, minimum + step, ...: 4k+1 frames
+            item["step"] = p.multiple_of
+        elif p.multiple_of:
             item["multipleOf"] = p.multiple_of
         if p.default_text:
             item["default_text"] = p.default_text
@@ -200,8 +273,9 @@ def schema(params: tuple[Param, ...] = PARAMS) -> list[dict[str, Any]]:
 
 def params_markdown() -> str:
     """README's table of generation parameters."""
-    rows = ["| Parameter | Default | Allowed | Description |", "|---|---|---|---|"]
+    rows = ["| Parameter | Models | Default | Allowed | Description |", "|---|---|---|---|---|"]
     for p in PARAMS:
         default = p.default_text or f"`{p.default}`"
-        rows.append(f"| `{p.name}` | {default} | {p.allowed()} | {p.help} |")
+        models = ", ".join(FAMILIES[f] for f in p.families) if p.families else "all"
+        rows.append(f"| `{p.name}` | {models} | {default} | {p.allowed()} | {p.help} |")
     return "\n".join(rows)

@@ -19,6 +19,7 @@ from video_diffusion.backends.supervisor import Component
 from video_diffusion.clock import Clock
 from video_diffusion.lifecycle import idempotency
 from video_diffusion.lifecycle.record import ModelState, Task
+from video_diffusion.models.contract import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +30,9 @@ class Backend(Protocol):
 
     def start(self) -> None: ...
 
-    def model_defaults(self) -> dict[str, int] | None:
-        """The loaded model's num_frames, num_inference_steps, width and height (None before one is ready)."""
+    def served_model(self) -> ModelInfo | None:
+        """The model that runs the tasks (a ready worker's, in Redis mode): its family, defaults and limits;
+        None before one is ready."""
 
     def stop(self) -> None: ...
 

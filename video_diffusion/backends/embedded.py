@@ -21,6 +21,7 @@ from video_diffusion.backends.contract import Health, Places, derive_status
 from video_diffusion.backends.disk_store import DiskStore
 from video_diffusion.backends.shared import answer_from_cache, load_model
 from video_diffusion.backends.supervisor import Supervisor
+from video_diffusion.models.contract import ModelInfo
 from video_diffusion.delivery.webhooks import Dispatcher, FileOutbox
 from video_diffusion.errors import StorageFull
 from video_diffusion.lifecycle.idempotency import FileStore
@@ -237,9 +238,9 @@ class EmbeddedBackend:
         for task_id in [t for t in self._queue if queue_timed_out(self._live[t], self.settings.queue_timeout, now)]:
             self._end(self._live[task_id], TaskStatus.FAILED, failure(errors.QueueTimeout))
 
-    def model_defaults(self) -> dict | None:
+    def served_model(self) -> ModelInfo | None:
         generator = self.generator
-        return dict(generator.model.defaults) if generator is not None else None
+        return generator.model if generator is not None else None
 
     def metrics(self) -> dict:
         with self._cond:

@@ -27,6 +27,7 @@ from video_diffusion.backends.redis_store import (
 )
 from video_diffusion.backends.shared import answer_from_cache
 from video_diffusion.backends.supervisor import Supervisor
+from video_diffusion.models.contract import ModelInfo
 from video_diffusion.delivery.webhooks import Dispatcher
 from video_diffusion.lifecycle.record import (
     ModelState,
@@ -183,12 +184,12 @@ class RedisBackend:
         self.redis.set(redis_key("cancel", task_id), "1", ex=self.settings.job_timeout + 120)
         return task
 
-    def model_defaults(self) -> dict | None:
+    def served_model(self) -> ModelInfo | None:
         try:
-            ready = [w for w in self.store.workers() if w["state"] == "ready" and w.get("defaults")]
+            ready = [w for w in self.store.workers() if w["state"] == "ready" and w.get("served")]
         except REDIS_ERRORS:
             return None
-        return ready[0]["defaults"] if ready else None
+        return ModelInfo.from_public(ready[0]["served"]) if ready else None
 
     def metrics(self) -> dict:
         try:

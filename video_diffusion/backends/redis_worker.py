@@ -75,7 +75,7 @@ class WorkerRuntime:
         info = {"name": self.name, "state": self.state.value, "task": self.current, "error": self.error,
                 "rq_worker": self.rq_worker}
         if self.generator is not None:
-            info.update(self.generator.describe(), defaults=self.generator.model.defaults)
+            info.update(self.generator.describe(), served=self.generator.model.public())
         self.redis.set(redis_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
 
     def _beat_quietly(self) -> None:

@@ -32,7 +32,7 @@ def run_task(generator, task: Task, image: Image.Image, out_path: Path,
     Segments run one after the other, each conditioned on the last frame of the one before; then the loop, the
     change of frame rate and the encoding. Progress counts denoising steps across all segments.
     """
-    params = resolve_defaults(task.params, generator.model.defaults)
+    params = resolve_defaults(task.params, generator.model.defaults, generator.model.family)
     limit = generator.model.max_steps
     if limit is not None and params["num_inference_steps"] > limit:  # an API that did not know the model let it in
         raise InvalidParameter(f"`num_inference_steps` must be at most {limit} with {generator.model.name}, got "

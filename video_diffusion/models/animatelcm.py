@@ -99,7 +99,7 @@ class AnimateLCMScheduler(SchedulerMixin, ConfigMixin):
 
 
 def load_unet_weights(unet, repo: str, filename: str) -> None:
-    """Put the distilled weights (`pipeline.ANIMATELCM_WEIGHTS`) into SVD-XT's UNet; downloaded once into the
+    """Put the distilled weights (`svd.ANIMATELCM_WEIGHTS`) into SVD-XT's UNet; downloaded once into the
     Hugging Face cache."""
     from huggingface_hub import hf_hub_download
     from safetensors.torch import load_file

@@ -25,6 +25,20 @@ class ModelInfo:
     defaults: dict[str, Any] = field(default_factory=dict)
     max_steps: int | None = None  # a consistency sampler has a fixed number of noise levels to step through
     unet_weights: tuple[str, str] | None = None  # (repo, file) of a UNet state dict loaded over the source's UNet
+    family: str = "svd"  # which family's pipeline, parameters and rules (models/families.py)
+    frames: tuple[int, int, int] = (14, 30, 1)  # num_frames: least, most, and the step (4: 4k+1, as Wan's VAE)
+    size_multiple: int = 8  # width and height: a multiple of what the VAE and the patching need
+
+    def public(self) -> dict[str, Any]:
+        """What a worker's heartbeat tells an API that holds no model: enough to validate against."""
+        return {"name": self.name, "family": self.family, "noise": self.noise, "defaults": self.defaults,
+                "max_steps": self.max_steps, "frames": list(self.frames), "size_multiple": self.size_multiple}
+
+    @classmethod
+    def from_public(cls, data: dict[str, Any]) -> ModelInfo:
+        return cls(name=data["name"], source=None, noise=bool(data.get("noise")), defaults=dict(data["defaults"]),
+                   max_steps=data.get("max_steps"), family=data.get("family", "svd"),
+                   frames=tuple(data.get("frames", (14, 30, 1))), size_multiple=int(data.get("size_multiple", 8)))
 
     @property
     def label(self) -> str:

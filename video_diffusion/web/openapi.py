@@ -14,8 +14,11 @@ def _param_schema(param: Param) -> dict[str, Any]:
     if param.choices:
         schema.update(type="string", enum=list(param.choices), default=param.default)
         return schema
+    if param.type is str:
+        schema.update(type="string", maxLength=param.max_length, default=param.default)
+        return schema
     schema.update(type="integer" if param.type is int else "number", minimum=param.minimum, maximum=param.maximum)
-    if param.multiple_of:
+    if param.multiple_of and not param.remainder:  # a 4k+1 rule has no JSON Schema keyword: the help says it
         schema["multipleOf"] = param.multiple_of
     if param.default is not None:
         schema["default"] = param.default
