@@ -31,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # The SVD family's names, as earlier releases had them here (tests and benchmarks patch REPOS).
 REPOS, TINY, ANIMATELCM = svd.REPOS, svd.TINY, svd.ANIMATELCM
+# `cache` presets: diffusers' First Block Cache thresholds (relative change of the first block's output).
+CACHE_THRESHOLDS = {"fast": 0.1}
 # dtype `auto` on CUDA, per family: SVD ships fp16 weights; Wan and LTX-Video are trained and published in bf16.
 CUDA_DTYPES = {"svd": "float16", "wan": "bfloat16", "ltx": "bfloat16"}
 SVD_XT = svd.describe("svd-xt", None, None)  # what an API that knows no model yet checks requests against
@@ -159,6 +161,7 @@ class VideoGenerator:
                 log.info("compiling for a new shape: %dx%d, %d frames, cache_interval %d (the first such request "
                          "pays for it)", *shape)
                 self._shapes_seen.add(shape)
+            cached = self._cache_on(params.get("cache", "off"))
             try:
                 with torch.inference_mode():
                     frames = self.pipe(**self.family.call_arguments(image, params), generator=generator,
@@ -167,11 +170,26 @@ class VideoGenerator:
                 raise OutOfMemory(f"the {self.device} ran out of memory; try fewer frames, a smaller size or a "
                                   "lower decode_chunk_size") from None
             finally:
+                if cached:  # off again after every call: the next one starts with no cached state
+                    self.family.denoiser(self.pipe).disable_cache()
                 if hasattr(self.pipe.scheduler, "generator"):
                     self.pipe.scheduler.generator = None
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
         return (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
+
+    def _cache_on(self, preset: str) -> bool:
+        """Turn the block cache on for one call, freshly built (so no state crosses calls); False when off."""
+        if preset == "off":
+            return False
+        from diffusers import FirstBlockCacheConfig
+
+        denoiser = self.family.denoiser(self.pipe)
+        if len(_blocks_of(denoiser)) < 2:  # the cache treats the first block and the last one apart
+            log.warning("cache=%s: %s has a single transformer block; computing every step", preset, self.model.name)
+            return False
+        denoiser.enable_cache(FirstBlockCacheConfig(threshold=CACHE_THRESHOLDS[preset]))
+        return True
 
     def describe(self) -> dict[str, Any]:
         """What /health and a worker's heartbeat say about the loaded model."""
@@ -331,12 +349,15 @@ def compile_blocks(denoiser) -> None:
     import torch
 
     torch._logging.set_logs(recompiles=True)  # a new shape compiles again: say so in the log
-    if hasattr(denoiser, "down_blocks"):
-        blocks = [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
-    else:
-        blocks = list(getattr(denoiser, "blocks", None) or denoiser.transformer_blocks)
-    for block in blocks:
+    for block in _blocks_of(denoiser):
         block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
+
+
+def _blocks_of(denoiser) -> list:
+    """The blocks a denoiser runs in turn: a UNet's down, mid and up blocks, a transformer's blocks."""
+    if hasattr(denoiser, "down_blocks"):
+        return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]
+    return list(getattr(denoiser, "blocks", None) or denoiser.transformer_blocks)
 
 
 def _drop_torchvision_notice(record: logging.LogRecord) -> bool:

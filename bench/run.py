@@ -14,7 +14,9 @@ BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffus
               ("Load", "load.py", []), ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")]),
               ("Hostile clients", "hostile.py", []), ("Post-steps and the result cache", "postprocess.py", []),
               ("Full-size architecture: cache_interval", "full_size.py", []),
-              ("AnimateLCM: UNet work per video", "animatelcm.py", []), ("Soak: lifecycle and crashes", "soak.py", [])]
+              ("AnimateLCM: UNet work per video", "animatelcm.py", []),
+              ("Wan and LTX-Video: transformer work with cache=fast", "families.py", []),
+              ("Soak: lifecycle and crashes", "soak.py", [])]
 
 
 def machine() -> str:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import requests
 import torch
+from PIL import Image
 
 from config import load_settings
 from conftest import (decode_video, image_bytes, ready_gunicorn, settings_for, start_worker_processes, upload,
@@ -270,3 +271,57 @@ def test_redis_api_learns_the_ltx_schema_from_its_worker(tmp_path, folders, redi
         app.extensions["video_diffusion"].backend.stop()
         for worker in workers:
             worker.stop()
+
+
+# --- cache=fast: diffusers' First Block Cache, on for one call at a time ---------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_wan_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny-wan")
+    save_tiny_pipeline(path, family="wan")
+    return path
+
+
+def _wan(folder):
+    return load_generator(load_settings({"MODEL": str(folder)}, dotenv_path=None))
+
+
+def _tail_block_work(generator) -> list[int]:
+    """A counter of the work done by every transformer block but the first (its first linear layer's calls)."""
+    calls = [0]
+    for block in generator.pipe.transformer.blocks[1:]:
+        linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
+        linear.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def _run(generator, seed: int, cache: str, colour=(200, 40, 40)) -> np.ndarray:
+    from video_diffusion.params import resolve_defaults
+
+    params = resolve_defaults({"seed": seed, "cache": cache, "num_inference_steps": 8, "prompt": "a b"},
+                              generator.model.defaults, "wan")
+    return generator.generate(Image.new("RGB", (64, 64), colour), params, lambda *_: None)
+
+
+def test_cache_fast_skips_transformer_work_and_off_is_exact_again(tiny_wan_dir):
+    generator = _wan(tiny_wan_dir)
+    work = _tail_block_work(generator)
+    plain = _run(generator, 1, "off")
+    full = work[0]
+    fast = _run(generator, 1, "fast")
+    skipped = work[0] - full
+    assert skipped < full / 2  # the tiny model: 16 tail-block passes in full (8 steps x 2 for guidance), 4 cached
+    assert 0 < np.abs(fast.astype(int) - plain).mean() < 8  # close to the full computation, not the same
+    assert np.array_equal(_run(generator, 1, "off"), plain)  # off after fast: bit-identical to before
+
+
+def test_cache_state_never_crosses_calls(tiny_wan_dir):
+    used, fresh = _wan(tiny_wan_dir), _wan(tiny_wan_dir)
+    _run(used, 3, "fast", colour=(20, 200, 90))  # another image and seed first
+    assert np.array_equal(_run(used, 4, "fast"), _run(fresh, 4, "fast"))
+
+
+def test_cache_is_a_wan_and_ltx_parameter(serve, client):
+    assert client.post("/generate", data=upload(image_bytes(), cache="fast")).json["error"]["field"] == "cache"
+    response = serve("ltx").post("/generate", data=upload(image_bytes(), cache="fast", seed=2, **TINY))
+    assert frames_of(response).shape == (9, 64, 64, 3)  # a one-block transformer: computed in full, said in the log

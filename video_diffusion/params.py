@@ -46,7 +46,8 @@ class Param:
         text = f"{_fmt(self.minimum)} to {_fmt(self.maximum)}"
         if self.multiple_of and self.remainder:
             first = self.minimum + (self.remainder - self.minimum) % self.multiple_of
-            text += f", {self.multiple_of}k+{self.remainder} ({', '.join(str(int(first + i * self.multiple_of)) for i in range(3))}, ...)"
+            examples = ", ".join(str(int(first + i * self.multiple_of)) for i in range(3))
+            text += f", {self.multiple_of}k+{self.remainder} ({examples}, ...)"
         elif self.multiple_of:
             text += f", a multiple of {self.multiple_of}"
         return text
@@ -90,6 +91,7 @@ def _fmt(number: float | None) -> str:
 SIZINGS = ("crop", "fit", "source")
 FORMATS = tuple(encoders.FORMATS)  # what the encoders can write, in the order the docs list them
 LOOPS = ("none", "pingpong", "crossfade")
+CACHE_PRESETS = ("off", "fast")
 GIF_MAX_FPS = 50  # GIF delays are hundredths of a second, and browsers slow down delays under 2 of them
 
 PARAMS = (
@@ -135,6 +137,10 @@ PARAMS = (
     Param("cache_interval", int, 1, "Speed against fidelity: N > 1 runs the UNet's deep blocks every N-th step only "
           "and reuses their output in between (DeepCache); 1 computes every step. 2 or 3 is faster with a small "
           "change in the frames.", 1, 5, default_text="`SVD_CACHE_INTERVAL`, else 1", families=SVD),
+    Param("cache", str, "off", "Speed against fidelity for Wan and LTX-Video: `fast` reuses the transformer's work "
+          "between steps (diffusers' First Block Cache, threshold 0.1: when the first block's output barely changed "
+          "since the step before, the other blocks' change is reused); `off` computes every step in full.",
+          choices=CACHE_PRESETS, families=PROMPTED),
     Param("segments", int, 1, "Longer videos: each segment continues from the last frame of the one before "
           "(seed + 1 each), colour-matched to the first; N + (segments - 1) x (N - 1) frames.", 1, 4),
 )

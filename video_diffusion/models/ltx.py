@@ -65,7 +65,7 @@ def build_tiny():
                                                num_layers=2, relative_attention_num_buckets=8))
         transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                                                  num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
-                                                 num_layers=1, caption_channels=32)
+                                                 num_layers=2, caption_channels=32)  # two: a block cache needs them
         vae = AutoencoderKLLTXVideo(
             in_channels=3, out_channels=3, latent_channels=8, block_out_channels=(8, 8, 8, 8),
             decoder_block_out_channels=(8, 8, 8, 8), layers_per_block=(1, 1, 1, 1, 1),

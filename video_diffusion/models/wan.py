@@ -108,14 +108,15 @@ def build_tiny(layout: str = "ti2v"):
 
 
 def loading_parts(model: ModelInfo) -> dict[str, Any]:
-    return {}
+    """The VAE in float32, as Wan's authors and diffusers' example load it (the rest in the pipeline's dtype)."""
+    import torch
+    from diffusers import AutoencoderKLWan
+
+    return {"vae": AutoencoderKLWan.from_pretrained(model.source, subfolder="vae", torch_dtype=torch.float32)}
 
 
 def after_loading(pipe, model: ModelInfo) -> None:
-    """The VAE in float32, as Wan's authors advise (its decoder loses detail in half precision)."""
-    import torch
-
-    pipe.vae.to(torch.float32)
+    pass
 
 
 def denoiser(pipe):
