@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -12,10 +12,10 @@ import config
 from config import ConfigError, Settings, load_settings
 from video_diffusion.params import params_markdown
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import gen_docs  # noqa: E402
-
 README = Path(__file__).resolve().parent.parent / "README.md"
+_spec = importlib.util.spec_from_file_location("gen_docs", README.parent / "scripts" / "gen_docs.py")
+gen_docs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gen_docs)
 
 
 def test_defaults():

@@ -325,3 +325,18 @@ def test_cache_is_a_wan_and_ltx_parameter(serve, client):
     assert client.post("/generate", data=upload(image_bytes(), cache="fast")).json["error"]["field"] == "cache"
     response = serve("ltx").post("/generate", data=upload(image_bytes(), cache="fast", seed=2, **TINY))
     assert frames_of(response).shape == (9, 64, 64, 3)  # a one-block transformer: computed in full, said in the log
+
+
+def test_compile_warms_up_a_wan_model_before_health_says_ok(tmp_path, tiny_wan_dir, monkeypatch, caplog):
+    import pipeline
+
+    monkeypatch.setattr(pipeline, "COMPILE_BACKEND", "eager")  # dynamo's tracing without inductor's code generation
+    app = create_app(settings_for(tmp_path, MODEL=str(tiny_wan_dir), SVD_COMPILE="true"))
+    try:
+        client = app.test_client()
+        assert wait_ready(client, timeout=300)["status"] == "ok" and "warm-up done" in caplog.text
+        plain = _run(_wan(tiny_wan_dir), 6, "off")
+        compiled = app.extensions["video_diffusion"].backend.generator
+        assert np.abs(_run(compiled, 6, "off").astype(int) - plain).max() <= 1  # the same network, compiled
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
