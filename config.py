@@ -106,9 +106,13 @@ class Settings:
         "The same setting as `SVD_MODEL` under a neutral name: set either (both, only to the same value).")
     svd_device: str = _setting("auto", _choice("auto", "cuda", "mps", "cpu"), "`auto` picks cuda, then mps, then cpu.")
     svd_dtype: str = _setting("auto", _choice("auto", "float16", "bfloat16", "float32"),
-        "`auto`: float16 (fp16 weights) on cuda, float32 elsewhere.")
-    svd_offload: str = _setting("none", _choice("none", "model", "sequential"),
-        "CPU offload for small cards (cuda only): `model` moves whole models, `sequential` layers.")
+        "`auto`: on cuda float16 for SVD (fp16 weights), bfloat16 for Wan and LTX-Video; float32 elsewhere.")
+    svd_offload: str = _setting("none", _choice("none", "model", "sequential", "group"),
+        "CPU offload for small cards (cuda only), any family: `model` moves whole models, `group` one transformer "
+        "or UNet block at a time, `sequential` layer by layer (least memory, slowest).")
+    vae_tiling: bool = _setting(False, _bool,
+        "Decode the video in tiles (Wan, LTX-Video): less GPU memory at large sizes, a little slower. SVD's decoder "
+        "works in chunks of frames instead (`decode_chunk_size`).")
     svd_forward_chunking: bool = _setting(False, _bool,
         "Chunk the UNet's feed-forward layers: less memory, a little slower.")
     svd_compile: bool = _setting(False, _bool,

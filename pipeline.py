@@ -291,6 +291,11 @@ def load_generator(settings: Settings) -> VideoGenerator:
         log.warning("serving %s: %s. Set MODEL=svd-xt, wan2.2-ti2v-5b or ltx-video on a GPU machine for real videos.",
                     model.name, NOISE_NOTE)
     pipe.set_progress_bar_config(disable=True)
+    if settings.vae_tiling:
+        if model.family == "svd":
+            raise LoadSettingError("VAE_TILING applies to Wan and LTX-Video; SVD decodes in chunks of frames: lower "
+                                   "decode_chunk_size instead")
+        pipe.vae.enable_tiling()
     _place(pipe, settings.svd_offload, device)
     return _with_speedups(pipe, model, settings, device, dtype_name)
 
@@ -316,6 +321,11 @@ def _place(pipe, offload: str, device: str) -> None:
         raise LoadSettingError(f"SVD_OFFLOAD={offload} needs a CUDA device; this one is {device}")
     if offload == "model":
         pipe.enable_model_cpu_offload()
+    elif offload == "group":  # every model of the pipeline, a block at a time
+        import torch
+
+        pipe.enable_group_offload(onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                                  offload_type="block_level", num_blocks_per_group=1)
     else:
         pipe.enable_sequential_cpu_offload()
 

@@ -36,7 +36,7 @@ def test_dotenv_is_read_and_the_environment_wins(tmp_path):
 @pytest.mark.parametrize("env,needle", [
     ({"PORT": "http"}, "PORT='http': must be a whole number"),
     ({"PORT": "70000"}, "PORT='70000': must be between 1 and 65535"),
-    ({"SVD_OFFLOAD": "gpu"}, "SVD_OFFLOAD='gpu': must be one of none, model, sequential"),
+    ({"SVD_OFFLOAD": "gpu"}, "SVD_OFFLOAD='gpu': must be one of none, model, sequential, group"),
     ({"SVD_COMPILE": "maybe"}, "SVD_COMPILE='maybe': must be true or false"),
     ({"VIDEO_FRAMES": "1001"}, "VIDEO_FRAMES='1001': must be between 1 and 1000"),  # the model checks the rest
     ({"MODEL": "tiny-wan", "SVD_MODEL": "tiny"}, "MODEL='tiny-wan' and SVD_MODEL='tiny': they are the same"),

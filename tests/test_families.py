@@ -340,3 +340,9 @@ def test_compile_warms_up_a_wan_model_before_health_says_ok(tmp_path, tiny_wan_d
         assert np.abs(_run(compiled, 6, "off").astype(int) - plain).max() <= 1  # the same network, compiled
     finally:
         app.extensions["video_diffusion"].backend.stop()
+
+
+def test_vae_tiling_applies_to_wan(tmp_path, tiny_wan_dir):
+    tiled = load_generator(load_settings({"MODEL": str(tiny_wan_dir), "VAE_TILING": "true"}, dotenv_path=None))
+    assert tiled.pipe.vae.use_tiling
+    assert _run(tiled, 2, "off").shape == (9, 64, 64, 3)

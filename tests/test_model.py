@@ -90,6 +90,8 @@ def test_health_is_503_loading_until_the_model_is_ready(tmp_path, generator):
                               "no GPU: a real model would take many minutes per video here"),
     ({"SVD_MODEL": "animatelcm-svd-xt"}, "the model could not be downloaded: no access to the model hub"),
     ({"SVD_MODEL": "tiny", "SVD_OFFLOAD": "model"}, "SVD_OFFLOAD=model needs a CUDA device"),
+    ({"SVD_MODEL": "tiny-wan", "SVD_OFFLOAD": "group"}, "SVD_OFFLOAD=group needs a CUDA device"),
+    ({"SVD_MODEL": "tiny", "VAE_TILING": "true"}, "VAE_TILING applies to Wan and LTX-Video; SVD decodes in chunks"),
     ({"SVD_MODEL": "tiny", "SVD_DEVICE": "cuda"}, "no cuda device"),
 ])
 def test_a_failed_load_keeps_the_process_up_and_says_why_but_not_where(tmp_path, env, needle):
