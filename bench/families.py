@@ -58,8 +58,9 @@ CONFIGS = {
         cross_attention_dim=2048, num_layers=28, caption_channels=4096),
         # 704x480, 161 frames: 21 latent frames of 15x22 (x32 VAE, x8 in time), as a sequence; guidance as a batch
         lambda torch: dict(hidden_states=torch.empty(2, 21 * 15 * 22, 128),
-                           encoder_hidden_states=torch.empty(2, 128, 4096), timestep=torch.ones(2, 1), encoder_attention_mask=torch.ones(2, 128), num_frames=21,
-                           height=15, width=22, rope_interpolation_scale=(8 / 24, 32, 32)), 50,
+                           encoder_hidden_states=torch.empty(2, 128, 4096), timestep=torch.ones(2, 1),
+                           encoder_attention_mask=torch.ones(2, 128), num_frames=21, height=15, width=22,
+                           rope_interpolation_scale=(8 / 24, 32, 32)), 50,
         "5 s of 768x512 at 24 fps in about 2 s on an H100 (arXiv 2501.00103; its distilled, few-step setting)"),
 }
 
