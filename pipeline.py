@@ -280,9 +280,11 @@ def load_generator(settings: Settings) -> VideoGenerator:
         if device == "cpu" and not model.noise:
             log.warning("MODEL=%s on a CPU: %s", model.name, CPU_NOTE)
         try:
+            parts = family.loading_parts(model) if hasattr(family, "loading_parts") else {}
             pipe = _from_pretrained(getattr(diffusers, family.PIPELINE), model.source, dtype,
-                                    dtype_name == "float16", **family.loading_parts(model))
-            family.after_loading(pipe, model)
+                                    dtype_name == "float16", **parts)
+            if hasattr(family, "after_loading"):
+                family.after_loading(pipe, model)
         except Exception as exc:
             if device == "cpu" and not model.noise:
                 exc.add_note(CPU_NOTE)

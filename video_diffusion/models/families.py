@@ -2,8 +2,9 @@
 
 A family is a module (svd.py, wan.py, ltx.py) with the same members: FAMILY, PIPELINE (the diffusers class every
 model of the family loads as), CLASS_NAMES (the `_class_name`s of model_index.json it recognises), NAMES,
-describe(name, folder, tiny_defaults) -> ModelInfo, build_tiny(), loading_parts(model), after_loading(pipe,
-model), denoiser(pipe) and call_arguments(image, params). Adding a family is one module and one line here.
+TINY_DEFAULTS, describe(name, folder, tiny_defaults) -> ModelInfo, build_tiny(), denoiser(pipe) and
+call_arguments(image, params); where loading needs more, loading_parts(model) (from_pretrained's overrides) and
+after_loading(pipe, model). Adding a family is one module and one line here.
 """
 
 from __future__ import annotations

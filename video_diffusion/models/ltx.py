@@ -11,7 +11,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from video_diffusion.models import prompted
 from video_diffusion.models.contract import ModelInfo
+from video_diffusion.models.prompted import denoiser  # noqa: F401 - a member of the family
 
 FAMILY = "ltx"
 PIPELINE = "LTXImageToVideoPipeline"
@@ -79,20 +81,5 @@ def build_tiny():
                        tokenizer=tokenizer, transformer=transformer)
 
 
-def loading_parts(model: ModelInfo) -> dict[str, Any]:
-    return {}
-
-
-def after_loading(pipe, model: ModelInfo) -> None:
-    pass
-
-
-def denoiser(pipe):
-    return pipe.transformer
-
-
 def call_arguments(image, params: dict[str, Any]) -> dict[str, Any]:
-    return {"image": image, "prompt": params["prompt"], "negative_prompt": params["negative_prompt"],
-            "width": image.width, "height": image.height, "num_frames": params["num_frames"],
-            "frame_rate": params["fps"], "num_inference_steps": params["num_inference_steps"],
-            "guidance_scale": params["guidance_scale"]}
+    return {**prompted.call_arguments(image, params), "frame_rate": params["fps"]}  # the rate conditions LTX

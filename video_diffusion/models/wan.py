@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from video_diffusion.models.contract import ModelInfo
+from video_diffusion.models.prompted import call_arguments, denoiser  # noqa: F401 - members of the family
 
 FAMILY = "wan"
 PIPELINE = "WanImageToVideoPipeline"
@@ -114,16 +115,3 @@ def loading_parts(model: ModelInfo) -> dict[str, Any]:
 
     return {"vae": AutoencoderKLWan.from_pretrained(model.source, subfolder="vae", torch_dtype=torch.float32)}
 
-
-def after_loading(pipe, model: ModelInfo) -> None:
-    pass
-
-
-def denoiser(pipe):
-    return pipe.transformer
-
-
-def call_arguments(image, params: dict[str, Any]) -> dict[str, Any]:
-    return {"image": image, "prompt": params["prompt"], "negative_prompt": params["negative_prompt"],
-            "width": image.width, "height": image.height, "num_frames": params["num_frames"],
-            "num_inference_steps": params["num_inference_steps"], "guidance_scale": params["guidance_scale"]}
