@@ -4,6 +4,7 @@ rules, prompts, both backends. The folders here are built from the diffusers and
 
 from __future__ import annotations
 
+import io
 import json
 
 import numpy as np
@@ -346,3 +347,33 @@ def test_vae_tiling_applies_to_wan(tmp_path, tiny_wan_dir):
     tiled = load_generator(load_settings({"MODEL": str(tiny_wan_dir), "VAE_TILING": "true"}, dotenv_path=None))
     assert tiled.pipe.vae.use_tiling
     assert _run(tiled, 2, "off").shape == (9, 64, 64, 3)
+
+
+@pytest.mark.parametrize("fmt", ["webm", "gif", "webp", "frames"])
+def test_every_format_loops_and_retiming_work_the_same_for_wan(serve, fmt):
+    import zipfile
+
+    from video_diffusion.media.postprocess import output_frames
+
+    client = serve("wan-ti2v")
+    response = client.post("/generate", data=upload(image_bytes(), prompt="surf", seed=8, format=fmt,
+                                                    loop="pingpong", output_fps="30", **TINY))
+    assert response.status_code == 200, response.get_data(as_text=True)
+    expected = output_frames(9, 1, "pingpong", 24, 30)  # Wan 2.2's 24 fps by default
+    if fmt == "frames":
+        assert len(zipfile.ZipFile(io.BytesIO(response.data)).namelist()) == expected
+    else:
+        frames, fps = decode_video(response.data, fmt)
+        assert frames.shape[1:] == (64, 64, 3) and len(frames) == expected and round(fps) == 30
+
+
+def test_an_idempotency_key_replays_the_same_wan_task(serve):
+    client = serve("ltx")
+    data = {"prompt": "fog", "seed": "9", **TINY}
+    first = client.post("/generate", data=upload(image_bytes(), **data), headers={"Idempotency-Key": "ltx-1"})
+    again = client.post("/generate", data=upload(image_bytes(), **data), headers={"Idempotency-Key": "ltx-1"})
+    assert first.status_code == again.status_code == 200
+    assert again.headers["X-Task-Id"] == first.headers["X-Task-Id"] and again.data == first.data
+    other = client.post("/generate", data=upload(image_bytes(), **{**data, "prompt": "smoke"}),
+                        headers={"Idempotency-Key": "ltx-1"})
+    assert other.status_code == 422 and other.json["error"]["field"] == "Idempotency-Key"
