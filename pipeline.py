@@ -257,6 +257,9 @@ def load_generator(settings: Settings) -> VideoGenerator:
     """Load the pipeline `MODEL` names onto its device, with the family's class and the memory and speed options."""
     if settings.cuda_visible_devices is not None:
         os.environ.setdefault("CUDA_VISIBLE_DEVICES", settings.cuda_visible_devices)
+    elif os.environ.get("CUDA_VISIBLE_DEVICES") == "":  # CUDA reads it as "no GPU"; an empty setting means unset
+        log.warning("CUDA_VISIBLE_DEVICES is set but empty: treating it as unset (every GPU visible)")
+        del os.environ["CUDA_VISIBLE_DEVICES"]
     import diffusers
     import torch
     _quiet_processor_warning()

@@ -180,3 +180,12 @@ def test_a_generator_that_breaks_the_contract_fails_when_it_loads(tmp_path, capl
         assert refused.status_code == 503 and refused.json["error"]["code"] == "model_not_ready"
     finally:
         app.extensions["video_diffusion"].backend.stop()
+
+
+def test_an_empty_cuda_visible_devices_counts_as_unset(tmp_path, monkeypatch, tiny_model_dir):
+    """A container handed CUDA_VISIBLE_DEVICES= would see no GPU: empty means unset, as for every setting."""
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    load_generator(load_settings({"SVD_MODEL": str(tiny_model_dir)}, dotenv_path=None))
+    assert "CUDA_VISIBLE_DEVICES" not in os.environ

@@ -51,6 +51,17 @@ def test_compose_passes_only_known_settings():
     settings = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["x-settings"]
     known = {v.name for v in config.VARIABLES}
     assert set(settings) <= known
+    for name in ("MODEL", "SVD_MODEL", "VAE_TILING", "SVD_OFFLOAD"):  # what picks and fits the model reaches it
+        assert name in settings, name
+
+
+def test_compose_hands_no_empty_cuda_visible_devices_to_the_container():
+    """An empty CUDA_VISIBLE_DEVICES is read by CUDA as "no GPU": unset on the host, it must not arrive empty."""
+    result = subprocess.run([shutil.which("docker-compose"), "-f", "docker-compose.yml", "--profile", "gpu", "config"],
+                            cwd=ROOT, capture_output=True, text=True, check=False, env={"PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    for name, service in yaml.safe_load(result.stdout)["services"].items():
+        assert (service.get("environment") or {}).get("CUDA_VISIBLE_DEVICES", "unset") != "", name
 
 
 def test_env_example_lists_every_variable():
