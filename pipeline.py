@@ -185,7 +185,7 @@ class VideoGenerator:
         from diffusers import FirstBlockCacheConfig
 
         denoiser = self.family.denoiser(self.pipe)
-        if len(_blocks_of(denoiser)) < 2:  # the cache treats the first block and the last one apart
+        if len(blocks_of(denoiser)) < 2:  # the cache treats the first block and the last one apart
             log.warning("cache=%s: %s has a single transformer block; computing every step", preset, self.model.name)
             return False
         denoiser.enable_cache(FirstBlockCacheConfig(threshold=CACHE_THRESHOLDS[preset]))
@@ -364,11 +364,11 @@ def compile_blocks(denoiser) -> None:
     import torch
 
     torch._logging.set_logs(recompiles=True)  # a new shape compiles again: say so in the log
-    for block in _blocks_of(denoiser):
+    for block in blocks_of(denoiser):
         block.forward = torch.compile(block.forward, backend=COMPILE_BACKEND)
 
 
-def _blocks_of(denoiser) -> list:
+def blocks_of(denoiser) -> list:
     """The blocks a denoiser runs in turn: a UNet's down, mid and up blocks, a transformer's blocks."""
     if hasattr(denoiser, "down_blocks"):
         return [*denoiser.down_blocks, denoiser.mid_block, *denoiser.up_blocks]

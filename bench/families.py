@@ -28,7 +28,7 @@ import torch
 from common import table
 from PIL import Image
 
-from pipeline import build_tiny_pipeline
+from pipeline import blocks_of, build_tiny_pipeline
 from video_diffusion.models.families import FAMILIES
 
 
@@ -110,8 +110,7 @@ def measure(family: str, steps: int) -> list:
     model = module.describe(module.TINY, None, None)
     generator = VideoGenerator(build_tiny_pipeline(family), model, "cpu", "float32")
     calls = [0]
-    for block in list(getattr(generator.pipe.transformer, "blocks", None)
-                      or generator.pipe.transformer.transformer_blocks)[1:]:
+    for block in blocks_of(generator.pipe.transformer)[1:]:
         linear = next(m for m in block.modules() if isinstance(m, torch.nn.Linear))
         linear.register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
     image = Image.new("RGB", (64, 64), (200, 40, 40))
