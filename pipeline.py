@@ -61,13 +61,25 @@ def describe_model(settings: Settings, gpu: bool) -> ModelInfo:
 
 def _family_of_repo(repo: str):
     """A repo id's family from its model_index.json if the Hugging Face cache has it; else SVD (as before)."""
+    cached = _cached_index(repo)
+    return family_of_folder(cached.parent) if cached is not None else svd
+
+
+def _cached_index(repo: str) -> Path | None:
     try:
         from huggingface_hub import try_to_load_from_cache
 
         cached = try_to_load_from_cache(repo, "model_index.json")
     except Exception:  # noqa: BLE001 - not a repo id the hub library accepts: SVD's loader says what is wrong
-        return svd
-    return family_of_folder(Path(cached).parent) if isinstance(cached, str) else svd
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def knows_family(name: str) -> bool:
+    """Whether this process can tell the family of `name` without loading it: a name the service serves, a folder
+    it can read, or a repo id whose model_index.json is in the Hugging Face cache. The API of a Redis deployment
+    asks: a folder that only the workers' machines hold is known from their heartbeats, never guessed."""
+    return family_named(name) is not None or Path(name).is_dir() or _cached_index(name) is not None
 
 
 def _check_against_model(variable: str, value: int, model: ModelInfo) -> None:
@@ -295,6 +307,12 @@ def load_generator(settings: Settings) -> VideoGenerator:
     if model.noise:
         log.warning("serving %s: %s. Set MODEL=svd-xt, wan2.2-ti2v-5b or ltx-video on a GPU machine for real videos.",
                     model.name, NOISE_NOTE)
+    return prepare_generator(pipe, model, settings, device, dtype_name)
+
+
+def prepare_generator(pipe, model: ModelInfo, settings: Settings, device: str, dtype_name: str) -> VideoGenerator:
+    """A loaded pipeline made ready to serve: VAE tiling, placement or offload, the speed options. Called by
+    load_generator, and by bench/gpu_stages.py on an architecture built with random weights."""
     pipe.set_progress_bar_config(disable=True)
     if settings.vae_tiling:
         if model.family == "svd":

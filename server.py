@@ -17,7 +17,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from werkzeug.middleware.proxy_fix import ProxyFix
 
 from config import Settings, load_settings
-from pipeline import SVD_XT, LoadSettingError, describe_model
+from pipeline import SVD_XT, LoadSettingError, describe_model, knows_family
 from video_diffusion import errors
 from video_diffusion.backends.contract import Backend
 from video_diffusion.clock import Clock
@@ -63,7 +63,15 @@ class Service:
         self.streams = threading.BoundedSemaphore(settings.max_event_streams)
 
     def served_model(self) -> ModelInfo:
-        return self.backend.served_model() or self.configured or SVD_XT
+        """What the deployment serves: the model loaded (or, in a Redis deployment, the one a ready worker reports),
+        else the one MODEL names, else SVD-XT's schema (what a worker with no MODEL loads on a GPU)."""
+        served = self.backend.served_model() or self.configured
+        if served is not None:
+            return served
+        if self.settings.redis and self.settings.svd_model:  # a folder or repo only the workers can read
+            raise errors.ModelNotReady("no worker has reported the model it serves yet, and this API cannot read the "
+                                "folder or repo MODEL names; try again when a worker is ready", retry_after=10)
+        return SVD_XT
 
     def schema(self, model: ModelInfo | None = None) -> tuple[Param, ...]:
         """The parameters this deployment accepts for the served model."""
@@ -103,7 +111,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
 
 def _configured_model(settings: Settings) -> ModelInfo | None:
-    if not settings.svd_model:
+    if not settings.svd_model or (settings.redis and not knows_family(settings.svd_model)):
         return None
     try:
         return describe_model(settings, gpu=False)

@@ -24,6 +24,7 @@ import argparse
 import time
 
 import numpy as np
+import architectures
 import torch
 from common import table
 from PIL import Image
@@ -34,39 +35,29 @@ from video_diffusion.models.families import FAMILIES
 
 SVD_ANCHOR = (4170.0, 50.9)  # TFLOP per SVD-XT video, seconds on an A100 (plain diffusers fp16)
 H100_OVER_A100 = 989 / 312
-# name: (transformer class, config, call inputs, calls per video, published anchor)
+# name: (call inputs, calls per video, published anchor); the transformers' configs are bench/architectures.py's
 CONFIGS = {
-    "wan2.2-ti2v-5b": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=24, attention_head_dim=128, in_channels=48, out_channels=48,
-        text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
-        # 1280x704, 121 frames: 31 latent frames of 44x80 (x16 VAE), 2x2 patches; one timestep per token
-        lambda torch: dict(hidden_states=torch.empty(1, 48, 31, 44, 80), timestep=torch.ones(1, 31 * 22 * 40),
-                           encoder_hidden_states=torch.empty(1, 512, 4096)), 50 * 2,
-        "720p (1280x704, 121 frames): 524.8 s on one RTX 4090 (Wan2.2 repo)"),
-    "wan2.1-i2v-14b-720p": ("WanTransformer3DModel", dict(
-        patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=36, out_channels=16,
-        text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40, cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads", eps=1e-6, image_dim=1280, added_kv_proj_dim=5120, rope_max_seq_len=1024),
-        # 1280x720, 81 frames: 21 latent frames of 90x160 (x8 VAE), 2x2 patches; 257 CLIP image tokens
-        lambda torch: dict(hidden_states=torch.empty(1, 36, 21, 90, 160), timestep=torch.ones(1),
-                           encoder_hidden_states=torch.empty(1, 512, 4096),
-                           encoder_hidden_states_image=torch.empty(1, 257, 1280)), 50 * 2,
-        "720p: 1491.6 s on one H100, 2715.5 s on an A100 (Wan2.1 repo)"),
-    "ltx-video": ("LTXVideoTransformer3DModel", dict(
-        in_channels=128, out_channels=128, patch_size=1, patch_size_t=1, num_attention_heads=32, attention_head_dim=64,
-        cross_attention_dim=2048, num_layers=28, caption_channels=4096),
-        # 704x480, 161 frames: 21 latent frames of 15x22 (x32 VAE, x8 in time), as a sequence; guidance as a batch
-        lambda torch: dict(hidden_states=torch.empty(2, 21 * 15 * 22, 128),
-                           encoder_hidden_states=torch.empty(2, 128, 4096), timestep=torch.ones(2, 1),
-                           encoder_attention_mask=torch.ones(2, 128), num_frames=21, height=15, width=22,
-                           rope_interpolation_scale=(8 / 24, 32, 32)), 50,
-        "5 s of 768x512 at 24 fps in about 2 s on an H100 (arXiv 2501.00103; its distilled, few-step setting)"),
+    # 1280x704, 121 frames: 31 latent frames of 44x80 (x16 VAE), 2x2 patches; one timestep per token
+    "wan2.2-ti2v-5b": (lambda torch: dict(hidden_states=torch.empty(1, 48, 31, 44, 80),
+                                          timestep=torch.ones(1, 31 * 22 * 40),
+                                          encoder_hidden_states=torch.empty(1, 512, 4096)), 50 * 2,
+                       "720p (1280x704, 121 frames): 524.8 s on one RTX 4090 (Wan2.2 repo)"),
+    # 1280x720, 81 frames: 21 latent frames of 90x160 (x8 VAE), 2x2 patches; 257 CLIP image tokens
+    "wan2.1-i2v-14b-720p": (lambda torch: dict(hidden_states=torch.empty(1, 36, 21, 90, 160), timestep=torch.ones(1),
+                                               encoder_hidden_states=torch.empty(1, 512, 4096),
+                                               encoder_hidden_states_image=torch.empty(1, 257, 1280)), 50 * 2,
+                            "720p: 1491.6 s on one H100, 2715.5 s on an A100 (Wan2.1 repo)"),
+    # 704x480, 161 frames: 21 latent frames of 15x22 (x32 VAE, x8 in time), as a sequence; guidance as a batch
+    "ltx-video": (lambda torch: dict(hidden_states=torch.empty(2, 21 * 15 * 22, 128),
+                                     encoder_hidden_states=torch.empty(2, 128, 4096), timestep=torch.ones(2, 1),
+                                     encoder_attention_mask=torch.ones(2, 128), num_frames=21, height=15, width=22,
+                                     rope_interpolation_scale=(8 / 24, 32, 32)), 50,
+                  "5 s of 768x512 at 24 fps in about 2 s on an H100 (arXiv 2501.00103; its distilled, few-step "
+                  "setting)"),
 }
 
 
 def call_tflop(name: str) -> float:
-    import diffusers
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
@@ -74,11 +65,11 @@ def call_tflop(name: str) -> float:
     def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
         return sdpa_flop_count(query, key, value)
 
-    cls, config, inputs, _, _ = CONFIGS[name]
+    inputs, _, _ = CONFIGS[name]
     counter = FlopCounterMode(display=False, custom_mapping={
         torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention})
     with FakeTensorMode(allow_non_fake_inputs=True):
-        model = getattr(diffusers, cls)(**config)
+        model = architectures.denoiser(name)
         with counter, torch.no_grad():
             model(**inputs(torch), return_dict=False)
     return sum(counter.get_flop_counts()["Global"].values()) / 1e12
@@ -87,7 +78,7 @@ def call_tflop(name: str) -> float:
 def flops_table() -> str:
     rate = SVD_ANCHOR[0] / SVD_ANCHOR[1]
     rows = []
-    for name, (_, _, _, calls, published) in CONFIGS.items():
+    for name, (_, calls, published) in CONFIGS.items():
         per_call = call_tflop(name)
         total = per_call * calls
         rows.append([name, f"{per_call:.1f}", calls, f"{total / 1000:.1f}", f"{total / SVD_ANCHOR[0]:.1f}",

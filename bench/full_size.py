@@ -41,20 +41,11 @@ def build(folder: Path) -> float:
     if (folder / "model_index.json").exists() and (folder / "unet" / "diffusion_pytorch_model.fp16.safetensors").exists():
         return 0.0
     import torch
-    from diffusers import AutoencoderKLTemporalDecoder, UNetSpatioTemporalConditionModel
-    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from video_diffusion.models.svd import assemble
+    import architectures
 
     started = time.perf_counter()
-    torch.manual_seed(0)
-    unet = UNetSpatioTemporalConditionModel()  # its defaults are SVD's (1,525 M parameters)
-    vae = AutoencoderKLTemporalDecoder(block_out_channels=[128, 256, 512, 512], layers_per_block=2, latent_channels=4,
-                                       down_block_types=["DownEncoderBlock2D"] * 4)
-    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-        hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16, patch_size=14,
-        image_size=224, projection_dim=1024, hidden_act="gelu"))
-    pipe = assemble(unet, vae, encoder)
+    pipe = architectures.build("svd-xt")  # SVD-XT's published configs, random weights
     folder.mkdir(parents=True, exist_ok=True)
     pipe.save_pretrained(folder)
     pipe.to(torch.float16).save_pretrained(folder, variant="fp16")

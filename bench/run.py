@@ -11,7 +11,10 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffusers", "encoding.py", []),
-              ("Load", "load.py", []), ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")]),
+              ("Load", "load.py", []),
+              ("GPU stages", "gpu_stages.py", ["--model", os.environ.get("BENCH_MODEL", "tiny")]),
+              ("GPU stages: Wan", "gpu_stages.py", ["--model", os.environ.get("BENCH_WAN_MODEL", "tiny-wan")]),
+              ("GPU stages: LTX-Video", "gpu_stages.py", ["--model", os.environ.get("BENCH_LTX_MODEL", "tiny-ltx")]),
               ("Hostile clients", "hostile.py", []), ("Post-steps and the result cache", "postprocess.py", []),
               ("Full-size architecture: cache_interval", "full_size.py", []),
               ("AnimateLCM: UNet work per video", "animatelcm.py", []),

@@ -26,6 +26,9 @@ SCRIPTS = [
     ("gpu_stages.py", ["--model", "tiny"], ["| default |", "SVD_OFFLOAD=model | skipped", "decode_chunk_size=4",
                                             "cache_interval=3",
                                             re.compile(r"\| animatelcm-svd-xt, 4 steps, max_guidance_scale=1 \| [\d.]+ s \|")]),
+    # Every family's stages by the same clock: a prompt encoder timed, the block cache and tiling rows
+    ("gpu_stages.py", ["--model", "tiny-wan"], [re.compile(r"\| default \| (?!0\.00)\d+\.\d\d s \| \d+\.\d\d s \|"), "| cache=fast |",
+                                                "| VAE_TILING=true |", "SVD_OFFLOAD=group | skipped", "RTX 4090"]),
     ("animatelcm.py", [], ["| 4 | 2 | 8 | 8/50 = 0.16 |", "| 4 | 1 | 4 | 4/50 = 0.08 |", "projected A100 time"]),
     ("postprocess.py", [], ["interpolation 6 -> 24 fps", "| ping-pong |", "hit / first"]),
     ("families.py", [], ["| wan2.2-ti2v-5b | 520.7 | 100 | 52.1 |", "| ltx-video |", re.compile(r"\| tiny-wan \| 4 \| 8 \| [0-7] \|"), re.compile(r"\| tiny-ltx \| 4 \| 4 \| [0-3] \|")]),
@@ -49,7 +52,7 @@ def smoke_runs(tmp_path_factory):
         script, extra, _ = entry
         result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *extra], cwd=folder,
                                 capture_output=True, text=True, timeout=600, check=False, env=ONE_THREAD)
-        return script, (result.returncode, result.stdout, result.stderr)
+        return (script, *extra), (result.returncode, result.stdout, result.stderr)
 
     with ThreadPoolExecutor(AT_ONCE) as pool:
         return dict(pool.map(run, SCRIPTS))
@@ -57,7 +60,7 @@ def smoke_runs(tmp_path_factory):
 
 @pytest.mark.parametrize("script,extra,needles", SCRIPTS)
 def test_benchmark_runs(smoke_runs, script, extra, needles):
-    code, stdout, stderr = smoke_runs[script]
+    code, stdout, stderr = smoke_runs[(script, *extra)]
     assert code == 0, stderr[-3000:]
     for needle in needles:  # a string, or a pattern where a number varies
         assert needle.search(stdout) if isinstance(needle, re.Pattern) else needle in stdout, stdout

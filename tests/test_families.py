@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ import torch
 from PIL import Image
 
 from config import load_settings
-from conftest import (decode_video, image_bytes, ready_gunicorn, settings_for, start_worker_processes, upload,
+from conftest import (ROOT, decode_video, image_bytes, ready_gunicorn, settings_for, start_worker_processes, upload,
                       wait_ready)
 from pipeline import describe_model, load_generator, save_tiny_pipeline
 from server import create_app
@@ -377,3 +378,74 @@ def test_an_idempotency_key_replays_the_same_wan_task(serve):
     other = client.post("/generate", data=upload(image_bytes(), **{**data, "prompt": "smoke"}),
                         headers={"Idempotency-Key": "ltx-1"})
     assert other.status_code == 422 and other.json["error"]["field"] == "Idempotency-Key"
+
+
+@pytest.mark.parametrize("name,billions", [("wan2.2-ti2v-5b", 5.0), ("ltx-video", 1.9), ("svd-xt", 1.5),
+                                           ("wan2.1-i2v-14b-720p", 14.0)])
+def test_full_size_architectures_have_the_published_sizes(name, billions, monkeypatch):
+    """bench/gpu_stages.py --random-weights builds these on a GPU: shapes only here (the meta device holds no
+    memory), checked against the size each model card publishes, in the class the service serves."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import architectures
+    from diffusers import StableVideoDiffusionPipeline
+
+    from video_diffusion.models.families import family_named
+
+    pipe = architectures.build(name, device="meta")
+    family = family_named(name)
+    assert type(pipe).__name__ == family.PIPELINE or isinstance(pipe, StableVideoDiffusionPipeline)
+    denoiser = family.denoiser(pipe)
+    if name.startswith("wan2.1"):  # the card's 14B is the network without the I2V image branch (16.4B with it)
+        import diffusers
+
+        _, config = architectures.TRANSFORMERS[name]
+        with torch.device("meta"):
+            denoiser = diffusers.WanTransformer3DModel(**{**config, "image_dim": None, "added_kv_proj_dim": None,
+                                                         "in_channels": 16})
+        assert architectures.parameters(family.denoiser(pipe)) / 1e9 == pytest.approx(16.4, abs=0.1)
+    assert architectures.parameters(denoiser) / 1e9 == pytest.approx(billions, rel=0.03)
+    assert pipe.vae.dtype == torch.float32
+    if family.FAMILY != "svd":  # the XXL text encoders: T5 v1.1 (4.76B) for LTX-Video, UMT5 (5.68B) for Wan
+        assert architectures.parameters(pipe.text_encoder) / 1e9 == pytest.approx(
+            5.68 if family.FAMILY == "wan" else 4.76, abs=0.01)
+
+
+@pytest.mark.slow
+def test_a_redis_api_validates_against_what_model_names_before_any_worker_and_never_guesses(tmp_path, redis_server):
+    """No worker yet: a named model's schema is known to the API; a folder only the workers can read is not, so the
+    API answers 503 until a worker reports it (it validated against SVD-XT's schema before)."""
+    named = create_app(settings_for(tmp_path, REDIS_URL=redis_server.url, MODEL="tiny-wan"))
+    unseen = create_app(settings_for(tmp_path, REDIS_URL=redis_server.url, MODEL=str(tmp_path / "on-the-workers")))
+    try:
+        client = named.test_client()
+        refused = client.post("/generate", data=upload(image_bytes(), motion_bucket_id="9", **TINY),
+                              headers={"Prefer": "respond-async"})
+        assert refused.status_code == 422 and refused.json["error"]["field"] == "motion_bucket_id"
+        queued = client.post("/generate", data=upload(image_bytes(), prompt="rain", **TINY),
+                             headers={"Prefer": "respond-async"})
+        assert queued.status_code == 202, queued.json
+        client = unseen.test_client()
+        for answer in (client.get("/params"), client.post("/generate", data=upload(image_bytes(), prompt="rain"),
+                                                          headers={"Prefer": "respond-async"})):
+            assert answer.status_code == 503 and answer.json["error"]["code"] == "model_not_ready"
+            assert "no worker has reported" in answer.json["error"]["message"] and str(tmp_path) not in answer.text
+            assert answer.headers["Retry-After"] == "10"
+    finally:
+        for app in (named, unseen):
+            app.extensions["video_diffusion"].backend.stop()
+
+
+@pytest.mark.slow
+def test_a_redis_submission_reads_the_heartbeats_once(tmp_path, redis_server):
+    app = create_app(settings_for(tmp_path, REDIS_URL=redis_server.url, MODEL="tiny-ltx"))
+    backend = app.extensions["video_diffusion"].backend
+    reads = []
+    real = backend.store.workers
+    backend.store.workers = lambda: reads.append(1) or real()
+    try:
+        time.sleep(1.1)  # past what any earlier read remembered
+        answer = app.test_client().post("/generate", data=upload(image_bytes(), prompt="rain", **TINY),
+                                        headers={"Prefer": "respond-async"})
+        assert answer.status_code == 202 and len(reads) == 1
+    finally:
+        backend.stop()

@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 JOB_FUNCTION = "video_diffusion.backends.redis_worker.run_job"
 
 
+SERVED_FOR = 1.0  # seconds a read of the heartbeats answers "what do the workers serve" (they beat every few s)
+
+
 class RedisBackend:
     """The API side: admits, enqueues, reads and cancels; a supervised reaper fails abandoned tasks."""
 
@@ -63,6 +66,15 @@ class RedisBackend:
         self.outbox = RedisOutbox(self.redis)
         self.idempotency = RedisIdempotency(self.redis, self.clock)
         self.dispatcher = Dispatcher.for_settings(self.outbox, settings, telemetry, self.clock)
+        self._served: tuple[float, ModelInfo | None] = (float("-inf"), None)  # (when read, what the workers serve)
+
+    def _workers(self) -> list[dict]:
+        """The live workers' heartbeats; what the ready ones serve is remembered for SERVED_FOR seconds, so that
+        one request (admission, then validation against the served schema) reads the heartbeats once."""
+        workers = self.store.workers()
+        ready = [w for w in workers if w["state"] == "ready" and w.get("served")]
+        self._served = (time.monotonic(), ModelInfo.from_public(ready[0]["served"]) if ready else None)
+        return workers
 
     def start(self) -> None:
         self.supervisor.spawn("reaper", self._reap_loop)
@@ -94,7 +106,7 @@ class RedisBackend:
 
     @unavailable_on_redis_errors
     def _capacity(self) -> tuple[ModelState, str, int]:
-        return (*workers_verdict(self.store.workers()), self.queue.count)
+        return (*workers_verdict(self._workers()), self.queue.count)
 
     @unavailable_on_redis_errors
     def submit(self, task: Task, image: Image.Image) -> Task:
@@ -185,15 +197,18 @@ class RedisBackend:
         return task
 
     def served_model(self) -> ModelInfo | None:
+        read_at, served = self._served
+        if time.monotonic() - read_at < SERVED_FOR:
+            return served
         try:
-            ready = [w for w in self.store.workers() if w["state"] == "ready" and w.get("served")]
+            self._workers()
         except REDIS_ERRORS:
             return None
-        return ModelInfo.from_public(ready[0]["served"]) if ready else None
+        return self._served[1]
 
     def metrics(self) -> dict:
         try:
-            workers, waiting, pending = self.store.workers(), self.queue.count, self.outbox.pending()
+            workers, waiting, pending = self._workers(), self.queue.count, self.outbox.pending()
         except REDIS_ERRORS:
             return {"model_ready": 0}
         ready = [w for w in workers if w["state"] == "ready"]
@@ -204,7 +219,7 @@ class RedisBackend:
         components = self.supervisor.states()
         details = {"mode": "redis", "components": {name: state.value for name, state in components.items()}}
         try:
-            workers, waiting = self.store.workers(), self.queue.count
+            workers, waiting = self._workers(), self.queue.count
         except REDIS_ERRORS as exc:
             log.warning("health: Redis unreachable: %s", exc)
             return Health("unavailable", {**details, "redis": "unreachable"})
