@@ -103,6 +103,47 @@ def test_unreadable_records_are_quarantined_and_the_rest_start(make_app, tmp_pat
     assert len(list((folder / ".quarantine").iterdir())) == len(bad)
 
 
+# Valid JSON, wrong types, in a record someone edited: (field, value, what the task answers after a restart)
+EDITS = [
+    ("created_at", None, "repaired"), ("created_at", "yesterday", "repaired"), ("timings", [1, 2], "repaired"),
+    ("error", "boom", "repaired"), ("step", -3, "repaired"), ("webhook", "http://x", "repaired"),
+    ("finished_at", None, "repaired"), ("params", {"num_frames": 14}, "quarantined"),
+    ("result", None, "quarantined"), ("result", {"format": "avi"}, "quarantined"), ("status", "done", "quarantined"),
+]
+
+
+def test_records_with_wrong_types_are_repaired_or_quarantined_and_the_service_starts(make_app, tmp_path, caplog):
+    """Before: created_at null stopped the worker at boot (the sort in all_tasks()); the rest answered 500."""
+    app = make_app()
+    client = app.test_client()
+    ids = [submit(client, prefer="wait", **SMALL).headers["X-Task-Id"] for _ in EDITS]
+    _backend(app).stop()
+    folder = tmp_path / "videos"
+    for task_id, (name, value, _) in zip(ids, EDITS):
+        path = folder / task_id / "task.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), name: value}))
+
+    app = make_app(VIDEO_OUTPUT_PATH=str(folder))
+    client = app.test_client()
+    assert client.get("/health").status_code == 200
+    for task_id, (name, value, outcome) in zip(ids, EDITS):
+        answers = [client.get(f"/status/{task_id}"), client.get(f"/results/{task_id}"),
+                   client.get(f"/status/{task_id}/events")]
+        for answer in answers:
+            answer.get_data()  # the event stream ends at the task's end
+            answer.close()
+        assert all(a.status_code < 500 for a in answers), (name, value, [a.status_code for a in answers])
+        if outcome == "repaired":
+            assert answers[0].status_code == 200 and answers[0].json["status"] == "finished", (name, value)
+            assert answers[1].status_code == 200, (name, value)
+        else:
+            assert [a.status_code for a in answers] == [404, 404, 404], (name, value)
+    quarantined = sum(outcome == "quarantined" for *_, outcome in EDITS)
+    assert len(list((folder / ".quarantine").iterdir())) == quarantined
+    assert "repaired to the default" in caplog.text
+    assert submit(client, prefer="wait", **SMALL).status_code == 200  # and the service works on
+
+
 def test_a_record_corrupted_while_running_is_404_and_the_janitor_lives(make_app, tmp_path):
     app = make_app(RESULT_TTL="1")
     client = app.test_client()

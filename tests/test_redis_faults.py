@@ -151,3 +151,18 @@ def test_a_worker_that_cannot_load_says_what_not_where(tmp_path, tiny_model_dir,
     finally:
         app.extensions["video_diffusion"].backend.stop()
         worker.stop()
+
+
+def test_an_edited_redis_record_is_repaired_or_quarantined_never_a_500(api):
+    backend, client = api
+    store = backend.store
+    repaired, broken = _queued_task(backend), _queued_task(backend)
+    for task, edit in ((repaired, {"created_at": None, "timings": "x", "step": "3"}), (broken, {"params": []})):
+        key = f"vd:task:{task.task_id}"
+        store.redis.set(key, json.dumps({**json.loads(store.redis.get(key)), **edit}))
+    answer = client.get(f"/status/{repaired.task_id}")
+    assert answer.status_code == 200 and answer.json["status"] == "queued" and answer.json["progress"]["step"] == 0
+    assert client.get(f"/status/{broken.task_id}").status_code == 404
+    quarantined = f"vd:quarantine:{broken.task_id}"
+    assert store.redis.exists(quarantined) and store.redis.ttl(quarantined) > 0
+    assert client.get("/health").status_code in (200, 503)  # no worker here: 503 says so, never a 500

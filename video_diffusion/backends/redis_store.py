@@ -131,9 +131,16 @@ class RedisStore:
             return None
         try:
             return Task.from_json(data)
-        except CorruptRecord as exc:
-            log.error("task %s: %s; deleting it", task_id, exc)
-            self.redis.delete(redis_key("task", task_id))
+        except CorruptRecord as exc:  # kept for a person to look at, out of every listing, for a tombstone's time
+            quarantine = redis_key("quarantine", task_id)
+            log.error("task %s: %s; moved to %s", task_id, exc, quarantine)
+            with self.redis.pipeline() as pipe:
+                pipe.rename(redis_key("task", task_id), quarantine)
+                pipe.expire(quarantine, TOMBSTONE_SECONDS)
+                try:
+                    pipe.execute()
+                except redis.ResponseError:  # gone meanwhile
+                    pass
             return None
 
     def compare_and_set(self, task: Task, *, worker: str | None = None, result: bytes = b"",

@@ -9,6 +9,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -114,17 +115,18 @@ class Task:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Task:
-        """Read a record; fields a newer version added are ignored, ones it lacks take their defaults."""
+        """Read a record and check it against the schema: fields a newer version added are ignored, ones it lacks
+        take their defaults, a field of the wrong type is repaired to its default where that is safe (logged), and
+        a record that cannot be trusted (no id, status, parameters or seed; a finished task without a readable
+        result) is CorruptRecord, for the store to quarantine. Nothing downstream sees an unchecked record."""
         try:
             data = json.loads(text)
-            known = {f.name for f in dataclasses.fields(cls)}
-            task = cls(**{k: v for k, v in data.items() if k in known})
-            task.status = TaskStatus(task.status)
-        except (ValueError, TypeError, AttributeError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise CorruptRecord(f"unreadable task record: {type(exc).__name__}") from None
-        if not is_task_id(str(task.task_id)) or not isinstance(task.params, dict):
-            raise CorruptRecord("unreadable task record: no task id or parameters")
-        return task
+        if not isinstance(data, dict):
+            raise CorruptRecord("unreadable task record: not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return checked({k: v for k, v in data.items() if k in known})
 
     def move(self, status: TaskStatus) -> None:
         """Change status, or IllegalTransition when the lifecycle forbids the move."""
@@ -142,6 +144,96 @@ class Task:
         self.error, self.finished_at = error, now
         if status is TaskStatus.FINISHED:
             self.phase = "done"
+
+
+# --- the record's schema ----------------------------------------------------------------------------
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _text(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _or_none(rule):
+    return lambda value: value is None or rule(value)
+
+
+def _failure_shape(value: Any) -> bool:
+    return isinstance(value, dict) and _text(value.get("code")) and _text(value.get("message"))
+
+
+def _timings(value: Any) -> bool:
+    return isinstance(value, dict) and all(_text(k) and _number(v) for k, v in value.items())
+
+
+def _webhook(value: Any) -> bool:
+    return isinstance(value, dict) and _text(value.get("url")) and isinstance(value.get("events", []), list)
+
+
+# field: (rule, the repair where a wrong value is safe to replace; None: the record cannot be trusted)
+_SCHEMA: dict[str, tuple[Any, Any]] = {
+    "mode": (lambda v: v in ("sync", "async"), lambda data: "async"),
+    "created_at": (_number, lambda data: next((data[k] for k in ("started_at", "finished_at")
+                                               if _number(data.get(k))), time.time())),
+    "started_at": (_or_none(_number), lambda data: None),
+    "finished_at": (_or_none(_number), lambda data: None),
+    "phase": (_text, lambda data: "waiting"),
+    "step": (_count, lambda data: 0),
+    "total_steps": (_or_none(_count), lambda data: None),
+    "model": (_or_none(_text), lambda data: None),
+    "error": (_or_none(_failure_shape), lambda data: None),
+    "result": (_or_none(lambda v: isinstance(v, dict)), lambda data: None),
+    "timings": (_timings, lambda data: {}),
+    "worker": (_or_none(_text), lambda data: None),
+    "expired": (lambda v: isinstance(v, bool), lambda data: False),
+    "cache_key": (_or_none(_text), lambda data: None),
+    "cached_from": (_or_none(_text), lambda data: None),
+    "webhook": (_or_none(_webhook), lambda data: None),
+}
+DAMAGED = {"code": "storage_error", "message": "the task's stored record was damaged; submit it again"}
+
+
+def _result_shape(result: Any) -> bool:
+    return (isinstance(result, dict) and result.get("format") in FORMATS and _text(result.get("content_type"))
+            and _text(result.get("filename")) and _count(result.get("bytes"))
+            and _or_none(_count)(result.get("frames")) and _or_none(_number)(result.get("expires_at")))
+
+
+def checked(data: dict[str, Any]) -> Task:
+    """A Task from a decoded record, every field checked (see Task.from_json)."""
+    task_id = data.get("task_id")
+    if not isinstance(task_id, str) or not is_task_id(task_id):
+        raise CorruptRecord("unreadable task record: no task id")
+    try:
+        status = TaskStatus(data.get("status", TaskStatus.QUEUED.value))
+    except (ValueError, TypeError):
+        raise CorruptRecord("unreadable task record: an unknown status") from None
+    params = data.get("params")
+    if not isinstance(params, dict) or not _count(params.get("seed")):
+        raise CorruptRecord("unreadable task record: no parameters or seed")
+    repaired = []
+    for name, (rule, repair) in _SCHEMA.items():
+        if name in data and not rule(data[name]):
+            data[name] = repair(data)
+            repaired.append(name)
+    if status is TaskStatus.FINISHED and not _result_shape(data.get("result")):
+        if not data.get("expired"):
+            raise CorruptRecord("unreadable task record: a finished task without a readable result")
+        data["result"], repaired = None, [*repaired, "result"]  # expired: nothing left to serve anyway
+    if status.terminal and not _number(data.get("finished_at")):
+        data["finished_at"], repaired = data.get("created_at", time.time()), [*repaired, "finished_at"]
+    if status in (TaskStatus.FAILED, TaskStatus.CANCELED) and data.get("error") is None:
+        data["error"], repaired = dict(DAMAGED), [*repaired, "error"]
+    if repaired:
+        log.warning("task %s: its record had %s of the wrong type; repaired to the default", task_id,
+                    ", ".join(sorted(set(repaired))))
+    return Task(**{**data, "status": status})
 
 
 # --- the rules both backends apply -------------------------------------------------------------------
