@@ -59,7 +59,8 @@ def main() -> None:
               "sections it runs: each section says the date, the commit and the machine it ran on.\n\n"
               "Shared, noisy machines: every goal is a ratio of two things measured side by side in the same run, "
               "with medians over repeated runs.\n\nWhat runs where: every section here ran on the CPU machine named in "
-              "it, on the tiny random-weight models, except the FLOP counts (the real configs on fake tensors). Real "
+              "it, on the tiny random-weight models (the full-size section: SVD-XT's architecture with random weights, on "
+              "that CPU), except the FLOP counts (the real configs on fake tensors). Real "
               "step times and peak GPU memory need a CUDA machine: `python bench/gpu_stages.py --model <name> "
               "--random-weights` builds svd-xt, wan2.2-ti2v-5b, wan2.1-i2v-14b-480p/720p or ltx-video from the "
               "published configs there, with no download. None was measured here.\n")
