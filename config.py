@@ -148,7 +148,16 @@ class Settings:
     max_steps: int = _setting(100, _int(1, 100), "Largest `num_inference_steps` accepted.")
     max_output_frames: int = _setting(600, _int(14, 100000),
         "Most frames one video may have after `segments`, `loop` and `output_fps` (422 beyond): bounds "
-        "the work, memory (frames x width x height x 3 bytes) and file size of one request.")
+        "the work of one request.")
+    max_output_mb: int = _setting(4096, _int(1, 1048576),
+        "Most MiB one video's frames may take in memory, frames x width x height x 3 after `segments`, `loop` and "
+        "`output_fps` (422 naming the parameters beyond); the post-steps keep their peak within 1.5x of it.")
+    max_storage_mb: int | None = _setting(None, _int(1, None, optional=True),
+        "Most MiB of inputs and videos the data folder may hold (unset: no byte cap); a request that would pass "
+        "it is 507 storage_full with Retry-After, and /health answers 503 storage_full while it is reached.")
+    min_free_disk_mb: int = _setting(1024, _int(0, None),
+        "Free disk space, in MiB, the service always leaves on the data folder's disk: a request that would go "
+        "below it is 507 storage_full, and /health answers 503 storage_full while the disk is below it.")
     result_cache: bool = _setting(True, _bool,
         "Answer a repeat of a request that names its `seed` (same image pixels, parameters and model) "
         "from the earlier video while it is kept, with `X-Cache: hit`.")

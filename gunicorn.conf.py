@@ -3,8 +3,8 @@
 One worker process (it holds the one pipeline) with threads for I/O. No preload: the model loads in the
 worker after the fork, since CUDA (and multithreaded torch) do not survive a fork.
 
-What would stop the service at start is checked here, in the master, and said in one line: a bad setting, or
-a data folder another instance owns.
+What would stop the service at start is checked here, in the master, and said in one line: a bad setting, a
+data folder another instance owns, or one that cannot be written.
 """
 
 import errno
@@ -14,7 +14,7 @@ import sys
 import threading
 
 from config import ConfigError, load_settings
-from video_diffusion.backends.disk_store import FolderInUse, probe_folder
+from video_diffusion.backends.disk_store import FolderInUse, FolderUnusable, probe_folder
 
 
 
@@ -37,7 +37,7 @@ try:
     _probe_port(_settings.host, _settings.port)
     if not _settings.redis:
         probe_folder(_settings.video_output_path)  # the worker takes the lock for good; this only asks
-except (ConfigError, FolderInUse) as _exc:
+except (ConfigError, FolderInUse, FolderUnusable) as _exc:
     print(f"video-diffusion: {_exc}", file=sys.stderr)
     sys.exit(2)
 

@@ -27,7 +27,7 @@ from video_diffusion.lifecycle.record import Task, TaskStatus, cache_key, is_tas
 from video_diffusion.media.images import decode_image, open_image, target_size
 from video_diffusion.models.contract import ModelInfo
 from video_diffusion.models.families import UnknownFamily
-from video_diffusion.params import Param, parse_params, schema, schema_for
+from video_diffusion.params import Param, check_output_memory, parse_params, schema, schema_for
 from video_diffusion.telemetry import Telemetry, configure_logging
 from video_diffusion.web import middleware
 from video_diffusion.web.openapi import build_document
@@ -158,17 +158,28 @@ def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Ta
                           defaults=model.defaults, served=model.name)
     webhook = _webhook(service, raw)
     image = open_image(data, service.settings.max_image_pixels)  # the header alone
-    if params["sizing"] == "source":
-        target_size(image.size, 0, 0, "source", service.settings.max_dimension)  # 422 now, not a failed task
+    output_bytes = _output_bytes(service, model, params, image.size)  # 422s now, not a failed task
     with service.decodes, service.telemetry.decode.time():
         image = decode_image(image, service.settings.max_dimension)
     task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook,
-                created_at=service.backend.clock.now())
+                created_at=service.backend.clock.now(), output_bytes=output_bytes)
     if service.settings.result_cache and generation.get("seed", "").strip():  # a drawn seed is never repeated
         task.cache_key = cache_key(image, params, service.model_key)
     task = service.backend.submit(task, image)
     service.telemetry.cache_lookup(task)
     return task
+
+
+def _output_bytes(service: Service, model: ModelInfo, params: dict, image_size: tuple[int, int]) -> int:
+    """The video's frames in memory at their most, checked against MAX_OUTPUT_MB; the size as the task will make
+    it (the model's defaults where the request leaves it, `sizing` applied to this image)."""
+    defaults, settings = model.defaults, service.settings
+    width, height = target_size(image_size, params["width"] or defaults.get("width", 1024),
+                                params["height"] or defaults.get("height", 576), params["sizing"],
+                                settings.max_dimension)
+    values = {**params, "fps": params["fps"] or defaults.get("fps", 6)}
+    return check_output_memory(values, params["num_frames"] or defaults.get("num_frames", 25), width, height,
+                               settings.max_output_mb)
 
 
 def _respond(service: Service, mode: str, task: Task, **headers: str):

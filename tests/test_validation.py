@@ -186,3 +186,22 @@ def test_exif_rotated_jpeg_gives_an_upright_video(client):
     assert response.status_code == 200, response.json
     with Image.open(io.BytesIO(response.data)) as video:
         assert video.size == (64, 128)
+
+
+def test_a_request_whose_frames_would_pass_max_output_mb_is_refused_up_front_naming_them(make_app):
+    """2048x2048 and 595 frames is about 7 GiB of frames (21+ GiB of RAM before): the default 4096 MiB refuses it."""
+    client = make_app().test_client()
+    long = {"num_frames": "25", "segments": "4", "loop": "pingpong", "output_fps": "18", "fps": "6"}
+    refused = client.post("/generate", data=upload(image_bytes(), width="2048", height="2048", **long),
+                          headers={"Prefer": "respond-async"})
+    assert refused.status_code == 422, refused.json
+    error = refused.json["error"]
+    assert error["field"] == "width" and "MAX_OUTPUT_MB is 4096" in error["message"]
+    assert "`width`, `height`, `num_frames`, `segments`, `loop`, `output_fps`" in error["message"]
+    # The model's own size counts when the request leaves it: 256x144 x that many frames fits; a tighter budget not.
+    assert client.post("/generate", data=upload(image_bytes(), **long, num_inference_steps="1"),
+                       headers={"Prefer": "respond-async"}).status_code == 202
+    tight = make_app(MAX_OUTPUT_MB="1").test_client()
+    refused = tight.post("/generate", data=upload(image_bytes(), num_frames="14"))
+    assert refused.status_code == 422 and refused.json["error"]["field"] == "num_frames"
+    assert "14 frames of 256x144" in refused.json["error"]["message"]

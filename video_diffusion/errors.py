@@ -130,6 +130,18 @@ class StorageFull(ServiceError):
     status, code = 507, "storage_error"
 
 
+class StorageBudget(ServiceError):
+    """Admission: the data folder is at MAX_STORAGE_MB, or the disk below MIN_FREE_DISK_MB."""
+
+    status, code = 507, "storage_full"
+
+
+class StorageUnavailable(ServiceError):
+    """Admission: the data folder vanished and could not be taken back, or cannot be written."""
+
+    status, code = 503, "storage_unavailable"
+
+
 class OutOfMemory(ServiceError):
     status, code = 507, "out_of_memory"
 

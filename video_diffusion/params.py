@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import encoders
 from video_diffusion.errors import InvalidParameter, UnknownParameter
-from video_diffusion.media.postprocess import output_frames
+from video_diffusion.media.postprocess import chained_frames, looped_frames, output_frames
 
 MAX_SEED = 2**32 - 1
 DEFAULT_MAX_GUIDANCE = 3.0  # SVD's; a model may name its own (models/svd.py: CONSISTENCY_DEFAULTS)
@@ -223,16 +223,35 @@ def output_frame_count(values: Mapping[str, Any], num_frames: int) -> int:
                          values["output_fps"] or values["fps"])
 
 
+def _lengthening(values: Mapping[str, Any]) -> list[str]:
+    """The parameters a request set that make its video longer than the model's own."""
+    return [name for name, default in (("num_frames", None), ("segments", 1), ("loop", "none"), ("output_fps", None))
+            if values[name] != default and not (name == "output_fps" and values[name] == values["fps"])]
+
+
 def check_output_frames(values: Mapping[str, Any], num_frames: int, limit: int) -> None:
     """422 naming the parameters that make the video longer than MAX_OUTPUT_FRAMES."""
     count = output_frame_count(values, num_frames)
     if count <= limit:
         return
-    named = [name for name, default in (("num_frames", None), ("segments", 1), ("loop", "none"), ("output_fps", None))
-             if values[name] != default and not (name == "output_fps" and values[name] == values["fps"])]
-    named = named or ["num_frames"]
+    named = _lengthening(values) or ["num_frames"]
     raise InvalidParameter(f"{', '.join(f'`{n}`' for n in named)} would make {count} frames; this server's "
                            f"MAX_OUTPUT_FRAMES is {limit}", field=named[-1])
+
+
+def check_output_memory(values: Mapping[str, Any], num_frames: int, width: int, height: int, limit_mb: int) -> int:
+    """The bytes the video's frames take in memory at their most (after segments, loop or interpolation, whichever
+    stage holds the most frames; frames x width x height x 3); 422 naming the parameters beyond MAX_OUTPUT_MB."""
+    chained = chained_frames(num_frames, values["segments"])
+    frames = max(chained, looped_frames(chained, values["loop"]), output_frame_count(values, num_frames))
+    needed = frames * width * height * 3
+    if needed <= limit_mb * 2**20:
+        return needed
+    named = [*(["width", "height"] if values.get("width") is not None else []), *_lengthening(values)]
+    named = named or ["num_frames"]
+    raise InvalidParameter(f"{', '.join(f'`{n}`' for n in named)} would make {frames} frames of {width}x{height}: "
+                           f"{math.ceil(needed / 2**20)} MiB of frames; this server's MAX_OUTPUT_MB is {limit_mb}",
+                           field=named[0])
 
 
 def resolve_defaults(values: Mapping[str, Any], model_defaults: Mapping[str, Any],

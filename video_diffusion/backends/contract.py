@@ -110,12 +110,15 @@ class Health:
         return {"status": self.status, **self.details}
 
 
-def derive_status(*, draining: bool, model: ModelState, components: dict[str, Component]) -> str:
-    """One rule for every process: draining, then a dead part, then the model's state."""
+def derive_status(*, draining: bool, model: ModelState, components: dict[str, Component],
+                  storage: str = "ok") -> str:
+    """One rule for every process: draining, then a dead part, then storage (full or unusable), then the model."""
     if draining:
         return "draining"
     if any(state is Component.FAILED for state in components.values()):
         return "unhealthy"
+    if storage != "ok":
+        return storage
     if model is ModelState.FAILED:
         return "failed"
     if model is ModelState.LOADING:

@@ -32,6 +32,10 @@ class FolderInUse(RuntimeError):
     """Another running instance owns VIDEO_OUTPUT_PATH."""
 
 
+class FolderUnusable(RuntimeError):
+    """VIDEO_OUTPUT_PATH cannot be created or written (read-only, not permitted, not a folder)."""
+
+
 def folder_in_use_message(root: str | os.PathLike, holder: str) -> str:
     return (f"VIDEO_OUTPUT_PATH={root} is in use by another running instance{holder}. Give this one its own "
             "folder (VIDEO_OUTPUT_PATH=./data/other PORT=5014 make run), or run several API processes on Redis "
@@ -39,9 +43,14 @@ def folder_in_use_message(root: str | os.PathLike, holder: str) -> str:
 
 
 def lock_folder(root: str | os.PathLike) -> int:
-    """Take the exclusive lock on `root` and return its descriptor; FolderInUse when another process has it."""
-    Path(root).mkdir(parents=True, exist_ok=True)
-    fd = os.open(Path(root) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    """Take the exclusive lock on `root` and return its descriptor; FolderInUse when another process has it,
+    FolderUnusable when the folder cannot be made or written."""
+    try:
+        Path(root).mkdir(parents=True, exist_ok=True)
+        fd = os.open(Path(root) / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise FolderUnusable(f"VIDEO_OUTPUT_PATH={root}: cannot write there ({exc.strerror or 'not permitted'}); "
+                             "point it at a writable folder") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
@@ -56,8 +65,24 @@ def lock_folder(root: str | os.PathLike) -> int:
 
 
 def probe_folder(root: str | os.PathLike) -> None:
-    """Raise FolderInUse now if another instance owns `root` (the lock is taken and given back)."""
+    """Raise FolderInUse now if another instance owns `root` (the lock is taken and given back), FolderUnusable
+    if it cannot be written."""
     os.close(lock_folder(root))
+    try:
+        _probe_write(Path(root))
+    except OSError as exc:
+        raise FolderUnusable(f"VIDEO_OUTPUT_PATH={root}: cannot write there ({exc.strerror or 'not permitted'}); "
+                             "point it at a writable folder") from None
+
+
+def _probe_write(root: Path) -> None:
+    probe = root / ".probe"
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.write(fd, b"ok")
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
 
 
 class DiskStore:
@@ -65,11 +90,37 @@ class DiskStore:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise FolderUnusable(f"VIDEO_OUTPUT_PATH={root}: cannot create it ({exc.strerror or 'not permitted'}); "
+                                 "point it at a writable folder") from None
         self._lock_fd: int | None = None
 
     def lock(self) -> None:
         self._lock_fd = lock_folder(self.root)
+
+    def owns_folder(self) -> bool:
+        """Whether the lock held is on the lock file the path names now (False once the folder was deleted or
+        replaced underneath: the old inode is locked, the path is anyone's)."""
+        if self._lock_fd is None:
+            return True
+        held = os.fstat(self._lock_fd)
+        try:
+            named = os.stat(self.root / LOCK_FILE)
+        except FileNotFoundError:
+            return False
+        return (held.st_dev, held.st_ino) == (named.st_dev, named.st_ino) and held.st_nlink > 0
+
+    def relock(self) -> None:
+        """Re-create the folder and lock it again; FolderInUse when another instance took the path meanwhile."""
+        fd = lock_folder(self.root)
+        old, self._lock_fd = self._lock_fd, fd
+        if old is not None:
+            os.close(old)
+
+    def probe_write(self) -> None:
+        _probe_write(self.root)
 
     def unlock(self) -> None:
         if self._lock_fd is not None:

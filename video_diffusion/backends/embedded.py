@@ -20,6 +20,7 @@ from video_diffusion import errors
 from video_diffusion.backends.contract import Health, Places, derive_status
 from video_diffusion.backends.disk_store import DiskStore
 from video_diffusion.backends.shared import answer_from_cache, load_model
+from video_diffusion.backends.storage import CHECK_SECONDS, Storage, files_estimate
 from video_diffusion.backends.supervisor import Supervisor
 from video_diffusion.models.contract import ModelInfo
 from video_diffusion.delivery.webhooks import Dispatcher, FileOutbox
@@ -66,6 +67,8 @@ class EmbeddedBackend:
         self._expiries: list[tuple[float, str, str]] = []  # heap of (when, "result" | "record", task id)
         self._cache: dict[str, str] = {}  # result cache: a request's cache key -> the task that made its video
         self.outbox = self.dispatcher = self.idempotency = None  # set by start(), once the folder is ours
+        self.storage = Storage(store, max_bytes=settings.max_storage_mb and settings.max_storage_mb * 2**20,
+                               min_free_bytes=settings.min_free_disk_mb * 2**20)
         self.generator = None
         self.model_state = ModelState.LOADING
         self.model_error: str | None = None  # curated: safe to show to clients
@@ -76,6 +79,8 @@ class EmbeddedBackend:
         self.idempotency = FileStore(self.store.root / ".idempotency", self.clock)
         self.dispatcher = Dispatcher.for_settings(self.outbox, self.settings, self.telemetry, self.clock)
         self._recover()
+        self.storage.check()
+        self.supervisor.spawn("storage", self._storage_loop)
         self.supervisor.spawn("model", self._load_model, forever=False)
         self.supervisor.spawn("runner", self._run_loop, on_crash=self._runner_crashed)
         self.supervisor.spawn("janitor", self._janitor_loop)
@@ -115,6 +120,7 @@ class EmbeddedBackend:
                 if task.status is TaskStatus.QUEUED and task.mode == "async":
                     self._queue.append(task.task_id)
                     self._live[task.task_id] = task
+                    self.storage.reserve(task.task_id, files_estimate(task))  # its input is on disk already
                 elif not task.status.terminal:
                     self._live[task.task_id] = task
                     self._end(task, TaskStatus.FAILED, failure(errors.Interrupted))
@@ -134,10 +140,15 @@ class EmbeddedBackend:
 
     # --- submitting and reading -------------------------------------------------------------------
 
+    def _storage_loop(self) -> None:
+        while not self.supervisor.stopping.wait(CHECK_SECONDS):
+            self.storage.check()
+
     def admission(self, mode: str):
         def check(held: int) -> None:
             admit(mode, draining=self._draining, model=self.model_state, ready_detail=self.model_error or "",
                   waiting=len(self._queue) + held, max_queue=self.settings.max_queue)
+            self.storage.admit(0)  # a full or unusable folder refuses before the body is read
 
         return self._places.hold(check)
 
@@ -148,6 +159,10 @@ class EmbeddedBackend:
             raise RuntimeError("submit() runs inside admission(), which holds the task's place in line")
         if task.cache_key and (hit := self._answer_from_cache(task)) is not None:
             return hit
+        estimate = files_estimate(task, image)
+        with self._cond:  # checked and reserved together: what is admitted at once never stores past the budget
+            self.storage.admit(estimate)
+            self.storage.reserve(task.task_id, estimate)
         try:
             self.store.write_input(task, image)
             with self._cond:
@@ -161,6 +176,8 @@ class EmbeddedBackend:
         except OSError:
             log.exception("task %s: could not store the upload", task.task_id)
             self.store.delete(task.task_id)
+            self.storage.settle(task.task_id)
+            self.storage.check()
             raise StorageFull("the server could not store the upload (disk full?); try again later",
                               retry_after=60) from None
         self.telemetry.task_created(accepted)
@@ -255,9 +272,11 @@ class EmbeddedBackend:
     def health(self) -> Health:
         components = self.supervisor.states()
         with self._cond:
-            status = derive_status(draining=self._draining, model=self.model_state, components=components)
+            status = derive_status(draining=self._draining, model=self.model_state, components=components,
+                                   storage=self.storage.state)
             details = {"waiting": len(self._queue), "running": int(self._running is not None),
-                       "components": {name: state.value for name, state in components.items()}}
+                       "components": {name: state.value for name, state in components.items()},
+                       "storage": self.storage.public()}
             if self.generator is not None:
                 details.update(self.generator.describe())
             if self.model_error:
@@ -297,6 +316,8 @@ class EmbeddedBackend:
         except OSError:
             log.exception("task %s: its record could not be saved", task.task_id)
             status, error = TaskStatus.FAILED, failure(errors.StorageFull)
+        if error is not None and error["code"] == errors.StorageFull.code:
+            self.storage.check()  # now, not at the next round: /health says what the disk did
         self._end(task, status, error)
 
     def _record_progress(self, task: Task) -> None:
@@ -324,6 +345,7 @@ class EmbeddedBackend:
             self._cond.notify_all()
         self.telemetry.task_ended(task)
         self._save_quietly(task)
+        self.storage.settle(task.task_id, self.store.root / task.task_id)
         with self._cond:
             if self._running is task:  # only now: a drain that waits for the running task waits for its record
                 self._running = None

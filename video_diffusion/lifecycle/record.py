@@ -109,6 +109,7 @@ class Task:
     cache_key: str | None = None  # set when the request named its seed: what an identical request would have
     cached_from: str | None = None  # a result-cache hit: the task whose video this one answers with
     webhook: dict[str, Any] | None = None  # {"url", "events"}: called when the task ends (webhooks.py)
+    output_bytes: int | None = None  # the video's frames in memory (frames x width x height x 3), estimated at submit
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
@@ -195,6 +196,7 @@ _SCHEMA: dict[str, tuple[Any, Any]] = {
     "cache_key": (_or_none(_text), lambda data: None),
     "cached_from": (_or_none(_text), lambda data: None),
     "webhook": (_or_none(_webhook), lambda data: None),
+    "output_bytes": (_or_none(_count), lambda data: None),
 }
 DAMAGED = {"code": "storage_error", "message": "the task's stored record was damaged; submit it again"}
 

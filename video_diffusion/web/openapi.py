@@ -128,7 +128,8 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                 **_errors(401, 404, 409, 503)}, method="delete"),
             "/health": {"get": {"summary": "Readiness: 200 once a model (or, with Redis, a worker) is ready.",
                                 "responses": {"200": _json("Health", "Ready."),
-                                              "503": _json("Health", "Loading, failed, unhealthy, draining, or no worker.")}}},
+                                              "503": _json("Health", "Loading, failed, unhealthy, draining, storage full or unusable, or no "
+                                                                  "worker.")}}},
             "/livez": {"get": {"summary": "Liveness: 200 whenever the process answers.",
                                "responses": {"200": {"description": "Alive.", "content": {JSON: {"schema": {
                                    "type": "object", "properties": {"status": {"const": "alive"}}}}}}}}},
@@ -155,7 +156,12 @@ _ERROR = {"type": "object", "required": ["error"], "properties": {
 
 _HEALTH = {"type": "object", "required": ["status"], "properties": {
     "status": {"type": "string", "enum": ["ok", "loading", "warming_up", "failed", "unhealthy", "draining", "no_workers",
-                                          "unavailable"]},
+                                          "unavailable", "storage_full", "storage_unavailable"]},
+    "storage": {"type": "object", "properties": {
+        "state": {"type": "string", "enum": ["ok", "storage_full", "storage_unavailable"]},
+        "stored_bytes": {"type": "integer"}, "reserved_bytes": {"type": "integer"},
+        "max_bytes": {"type": ["integer", "null"]}, "free_bytes": {"type": ["integer", "null"]},
+        "min_free_bytes": {"type": "integer"}, "reason": {"type": "string"}}},
     "model": {"type": "string"}, "noise": {"type": "boolean"}, "device": {"type": "string"},
     "dtype": {"type": "string"},
     "waiting": {"type": "integer"}, "running": {"type": "integer"},
