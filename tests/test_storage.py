@@ -150,3 +150,7 @@ def test_health_reports_stored_bytes_and_the_budget(make_app):
     assert _until(lambda: client.get("/health").json["storage"]["stored_bytes"] > 0)
     storage = client.get("/health").json["storage"]
     assert storage["max_bytes"] == 64 * 2**20 and storage["state"] == "ok" and storage["free_bytes"] > 0
+    metrics = client.get("/metrics").text
+    stored = next(float(line.split()[1]) for line in metrics.splitlines()
+                  if line.startswith("video_diffusion_storage_stored_bytes "))
+    assert stored > 0 and "video_diffusion_storage_free_bytes " in metrics

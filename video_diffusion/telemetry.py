@@ -92,6 +92,9 @@ class _BackendCollector:
                                 ("model_ready", "1 when a model is loaded and taking tasks."),
                                 ("workers_live", "Redis mode: workers with a fresh heartbeat."),
                                 ("webhooks_pending", "Webhook deliveries in the outbox: being sent, or due again."),
+                                ("storage_stored_bytes", "Bytes of inputs and videos in the data folder."),
+                                ("storage_reserved_bytes", "Bytes held for admitted tasks' files not written yet."),
+                                ("storage_free_bytes", "Free bytes on the data folder's disk."),
                                 ("gpu_memory_allocated_bytes", "CUDA memory allocated by tensors."),
                                 ("gpu_memory_reserved_bytes", "CUDA memory reserved by the caching allocator."),
                                 ("gpu_memory_peak_bytes", "Peak CUDA memory allocated since start.")):

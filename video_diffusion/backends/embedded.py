@@ -265,6 +265,9 @@ class EmbeddedBackend:
                      "model_ready": int(self.model_state is ModelState.READY)}
         if self.outbox is not None:
             state["webhooks_pending"] = self.outbox.pending()
+        state.update(storage_stored_bytes=self.storage.used, storage_reserved_bytes=self.storage.reserved())
+        if self.storage.free is not None:
+            state["storage_free_bytes"] = self.storage.free
         if self.generator is not None:
             state.update(self.generator.memory_stats())
         return state
