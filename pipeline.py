@@ -188,7 +188,7 @@ class VideoGenerator:
                     self.pipe.scheduler.generator = None
                 if self.device == "cuda":
                     torch.cuda.empty_cache()
-        return (np.clip(np.asarray(frames), 0.0, 1.0) * 255).round().astype(np.uint8)
+        return _to_uint8(np.asarray(frames))
 
     def _cache_on(self, preset: str) -> bool:
         """Turn the block cache on for one call, freshly built (so no state crosses calls); False when off."""
@@ -216,6 +216,14 @@ class VideoGenerator:
         return {"gpu_memory_allocated_bytes": torch.cuda.memory_allocated(),
                 "gpu_memory_reserved_bytes": torch.cuda.memory_reserved(),
                 "gpu_memory_peak_bytes": torch.cuda.max_memory_allocated()}
+
+
+def _to_uint8(frames: np.ndarray, chunk: int = 8) -> np.ndarray:
+    """The pipeline's float frames in [0, 1] as uint8, a few frames at a time (no whole-clip float temporaries)."""
+    out = np.empty(frames.shape, np.uint8)
+    for start in range(0, len(frames), chunk):
+        out[start:start + chunk] = np.round(np.clip(frames[start:start + chunk], 0.0, 1.0) * 255)
+    return out
 
 
 CPU_NOTE = ("this machine has no GPU: a real model would take many minutes per video here (SVD_MODEL=tiny tries "

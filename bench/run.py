@@ -19,6 +19,7 @@ BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffus
               ("Full-size architecture: cache_interval", "full_size.py", []),
               ("AnimateLCM: UNet work per video", "animatelcm.py", []),
               ("Wan and LTX-Video: transformer work with cache=fast", "families.py", []),
+              ("Post-steps: memory against the frames, interpolation against cores", "memory.py", []),
               ("Soak: lifecycle and crashes", "soak.py", [])]
 
 

@@ -32,6 +32,8 @@ SCRIPTS = [
     ("animatelcm.py", [], ["| 4 | 2 | 8 | 8/50 = 0.16 |", "| 4 | 1 | 4 | 4/50 = 0.08 |", "projected A100 time"]),
     ("postprocess.py", [], ["interpolation 6 -> 24 fps", "| ping-pong |", "hit / first"]),
     ("families.py", [], ["| wan2.2-ti2v-5b | 520.7 | 100 | 52.1 |", "| ltx-video |", re.compile(r"\| tiny-wan \| 4 \| 8 \| [0-7] \|"), re.compile(r"\| tiny-ltx \| 4 \| 4 \| [0-3] \|")]),
+    ("memory.py", [], [re.compile(r"\| mp4 \| 576 \| [\d.]+ MiB \| [\d.]+ MiB \| [\d.]+ \| yes \|"), "| gif |",
+                       re.compile(r"\| 1 \| 1 \| 100 \|")]),
     ("full_size.py", [], ["projected A100 time", "| 64x64 | 3 |", "relative frame error"]),
     ("hostile.py", [], ["/health p99 with slow connections", "| PNG 16-bit grey |", "| WebP ("]),
 ]
