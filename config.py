@@ -185,6 +185,9 @@ class Settings:
         "only if that address is listed too.")
     webhook_secret: str | None = _setting(None, _webhook_secret,
         "`whsec_<base64 key>`: webhook deliveries are signed (Standard Webhooks); unset: unsigned.", secret=True)
+    webhook_outbox_max: int = _setting(10_000, _int(1, 10_000_000),
+        "Most webhook deliveries kept waiting (to be sent or retried); beyond it the oldest are dropped and counted "
+        "(`video_diffusion_webhook_deliveries_total{outcome=\"dropped\"}`).")
     metrics_public: bool = _setting(False, _bool, "Serve `/metrics` without the API key.")
     cors_origins: tuple[str, ...] | None = _setting(None, _list,
         "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none.")

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import hmac
 import json
+import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -307,10 +308,10 @@ def test_a_failed_claim_does_not_stop_later_deliveries(tmp_path, receivers):
     outbox = webhooks.FileOutbox(tmp_path / "outbox")
     claim, failures = outbox.claim, [OSError("the outbox could not be read")]
 
-    def failing_once(now, limit):
+    def failing_once(now, limit, busy=frozenset()):
         if failures:
             raise failures.pop()
-        return claim(now, limit)
+        return claim(now, limit, busy)
 
     outbox.claim = failing_once
     dispatcher = webhooks.Dispatcher(outbox, webhooks.parse_allow([f"127.0.0.1:{receiver.port}"]), None, None)
@@ -324,3 +325,198 @@ def test_a_failed_claim_does_not_stop_later_deliveries(tmp_path, receivers):
     finally:
         supervisor.stop(5)
         dispatcher.stop()
+
+
+# --- round 3: a whole-attempt deadline, one attempt per destination, a bounded outbox, IRIs ----------------------
+
+class Trickler:
+    """A receiver on 127.0.0.1 that reads the request, then sends its answer one byte every `every` seconds (at
+    most 40 bytes: it ends by itself); records how long each connection stayed open."""
+
+    def __init__(self, every: float = 1.0):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}/slow"
+        self.every, self.held = every, []
+        self.closed = threading.Event()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while not self.closed.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._trickle, args=(conn,), daemon=True).start()
+
+    def _trickle(self, conn):
+        opened = time.monotonic()
+        conn.settimeout(5)
+        try:
+            conn.recv(65536)
+            for byte in b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Padding: aaaaaaaaaaaa\r\n\r\n"[:40]:
+                if self.closed.wait(self.every):
+                    break
+                conn.sendall(bytes([byte]))
+        except OSError:
+            pass  # the sender cut it off
+        finally:
+            self.held.append(time.monotonic() - opened)
+            conn.close()
+
+    def close(self):
+        self.closed.set()
+        self.sock.close()
+
+
+def _dispatcher(outbox, ports, telemetry=None, **kwargs):
+    from video_diffusion.backends.supervisor import Supervisor
+
+    dispatcher = webhooks.Dispatcher(outbox, webhooks.parse_allow([f"127.0.0.1:{p}" for p in ports]), None,
+                                     telemetry, **kwargs)
+    supervisor = Supervisor()
+    supervisor.spawn("webhooks", lambda: dispatcher.run(supervisor.stopping))
+    return dispatcher, supervisor
+
+
+def _delivery(name: str, url: str, at: float | None = None) -> webhooks.Delivery:
+    return webhooks.Delivery(id=f"msg_{name}_ended", task_id=name, event="ended", url=url, body="{}",
+                             next_at=time.time() if at is None else at)
+
+
+def test_four_trickling_receivers_are_cut_off_at_the_deadline_and_a_good_one_is_served(tmp_path, receivers,
+                                                                                          monkeypatch):
+    """Before: the 5 s timeout was per read, so a byte every 3 s held a sender 75 s and four held all four."""
+    monkeypatch.setattr(webhooks, "ATTEMPT_DEADLINE", 2.0)
+    trickles = [Trickler(every=0.5) for _ in range(4)]
+    good = receivers()
+    outbox = webhooks.FileOutbox(tmp_path / "outbox")
+    for k, trickle in enumerate(trickles):
+        outbox.add(_delivery(f"slow{k}", trickle.url))
+    outbox.add(_delivery("good", good.url, at=time.time() + 0.3))  # behind them in line
+    dispatcher, supervisor = _dispatcher(outbox, [good.port, *(t.port for t in trickles)])
+    try:
+        started = time.monotonic()
+        good.wait_for(1, timeout=10)
+        assert time.monotonic() - started < 6  # one deadline (2 s) and a poll, not the trickles' 20 s
+        deadline = time.monotonic() + 10
+        while sum(len(t.held) for t in trickles) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        held = [h for t in trickles for h in t.held]
+        assert len(held) >= 4 and max(held) < 4, held  # cut at the deadline, not after 40 bytes (20 s)
+        assert outbox.pending() == 4  # the trickled ones wait for their retry
+    finally:
+        supervisor.stop(5)
+        dispatcher.stop()
+        for trickle in trickles:
+            trickle.close()
+
+
+def test_one_slow_destination_holds_one_sender_not_the_others_turns(tmp_path, receivers):
+    slow = receivers(hang=20)
+    good = receivers(host="127.0.0.2")
+    outbox = webhooks.FileOutbox(tmp_path / "outbox")
+    for k in range(6):  # six deliveries for the slow receiver first in line ...
+        outbox.add(_delivery(f"slow{k}", slow.url, at=time.time() - 10 + k))
+    outbox.add(_delivery("good", good.url))  # ... then one for another destination
+    from video_diffusion.backends.supervisor import Supervisor
+
+    dispatcher = webhooks.Dispatcher(outbox, webhooks.parse_allow([f"127.0.0.1:{slow.port}",
+                                                                   f"127.0.0.2:{good.port}"]), None, None)
+    supervisor = Supervisor()
+    supervisor.spawn("webhooks", lambda: dispatcher.run(supervisor.stopping))
+    try:
+        good.wait_for(1, timeout=5)
+        assert slow.hanging.wait(5) and len(slow.requests) == 1  # one attempt in flight to it, never more
+    finally:
+        supervisor.stop(5)
+        dispatcher.stop()
+
+
+def test_a_full_outbox_drops_its_oldest_and_counts_them(make_app, receivers):
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nobody listens: every attempt fails and waits for its retry
+    client = make_app(WEBHOOK_ALLOW=f"127.0.0.1:{port}", WEBHOOK_OUTBOX_MAX="3").test_client()
+    for _ in range(6):
+        finished(client, submit(client, f"http://127.0.0.1:{port}/hook"))
+    deadline = time.monotonic() + 10
+    while (pending := _metric(client, "video_diffusion_webhooks_pending")) > 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pending <= 3
+    assert _metric(client, 'video_diffusion_webhook_deliveries_total{outcome="dropped"}') >= 3
+
+
+def _metric(client, name: str) -> float:
+    text = client.get("/metrics").text
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + " ")), 0.0)
+
+
+def test_an_iri_is_sent_percent_encoded_and_a_control_character_is_refused(make_app, receivers):
+    receiver = receivers()
+    client = make_app(WEBHOOK_ALLOW=f"127.0.0.1:{receiver.port}").test_client()
+    finished(client, submit(client, f"http://127.0.0.1:{receiver.port}/café?ü=1"))
+    (delivery,) = receiver.wait_for(1)
+    assert delivery["path"] == "/caf%C3%A9?%C3%BC=1"
+    refused = client.post("/generate", data=upload(image_bytes(), **SMALL,
+                                                   webhook=f"http://127.0.0.1:{receiver.port}/a\x7fb"),
+                          headers=ASYNC)
+    assert refused.status_code == 422 and refused.json["error"]["field"] == "webhook"
+
+
+def test_a_delivery_that_cannot_be_sent_is_dropped_and_counted_not_retried_forever(make_app, receivers,
+                                                                                   monkeypatch):
+    """Before: an exception other than a network error (UnicodeEncodeError) left the delivery leased, retried
+    every minute for ever, uncounted."""
+    receiver = receivers()
+    client = make_app(WEBHOOK_ALLOW=f"127.0.0.1:{receiver.port}").test_client()
+
+    def broken(delivery, allowed, secret):
+        raise UnicodeEncodeError("ascii", "é", 0, 1, "ordinal not in range(128)")
+
+    monkeypatch.setattr(webhooks, "attempt", broken)
+    finished(client, submit(client, receiver.url))
+    drained(client)
+    assert _metric(client, 'video_diffusion_webhook_deliveries_total{outcome="dropped"}') == 1
+
+
+def test_health_shows_a_dispatcher_that_makes_no_progress(make_app, receivers, monkeypatch):
+    monkeypatch.setattr(webhooks, "STALLED_AFTER", 1.0)
+    hanging = [receivers(hang=8) for _ in range(4)]
+    app = make_app(WEBHOOK_ALLOW=",".join(f"127.0.0.1:{r.port}" for r in hanging))
+    client = app.test_client()
+    for receiver in hanging:
+        finished(client, submit(client, receiver.url))
+    deadline = time.monotonic() + 10
+    while client.get("/health").json["components"]["webhooks"] != "stalled":
+        assert time.monotonic() < deadline, client.get("/health").json
+        time.sleep(0.1)
+    for receiver in hanging:
+        receiver.release.set()
+    deadline = time.monotonic() + 15
+    while client.get("/health").json["components"]["webhooks"] != "running":
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_the_redis_outbox_claims_one_per_destination_and_trims_its_oldest(redis_server):
+    import redis as redis_client
+
+    from video_diffusion.backends.redis_store import RedisOutbox
+
+    outbox = RedisOutbox(redis_client.Redis.from_url(redis_server.url))
+    now = time.time()
+    for k in range(3):
+        outbox.add(_delivery(f"a{k}", "http://127.0.0.1:9/a", at=now - 10 + k))
+    outbox.add(_delivery("b0", "http://127.0.0.2:9/b", at=now - 1))
+    first = outbox.claim(now, 4)
+    assert sorted(d.id for d in first) == ["msg_a0_ended", "msg_b0_ended"]
+    busy = frozenset(webhooks.destination(d.url) for d in first)
+    assert outbox.claim(now, 4, busy) == []  # both destinations have an attempt in flight
+    assert [d.id for d in outbox.claim(now, 4, busy - {"http://127.0.0.1:9"})] == ["msg_a1_ended"]
+    assert outbox.trim(3) == 1 and outbox.pending() == 3  # the oldest due one (a2) went; leased ones stay
+    assert outbox.redis.get("vd:webhook:msg_a2_ended") is None

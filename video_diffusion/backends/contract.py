@@ -110,6 +110,14 @@ class Health:
         return {"status": self.status, **self.details}
 
 
+def component_states(components: dict[str, Component], dispatcher) -> dict[str, str]:
+    """The parts' states as /health shows them: the webhook sender "stalled" when it runs but makes no progress."""
+    states = {name: state.value for name, state in components.items()}
+    if dispatcher is not None and states.get("webhooks") == Component.RUNNING.value and dispatcher.state() == "stalled":
+        states["webhooks"] = "stalled"
+    return states
+
+
 def derive_status(*, draining: bool, model: ModelState, components: dict[str, Component],
                   storage: str = "ok") -> str:
     """One rule for every process: draining, then a dead part, then storage (full or unusable), then the model."""

@@ -17,7 +17,7 @@ from typing import BinaryIO, Callable
 from config import Settings
 from video_diffusion.clock import Clock
 from video_diffusion import errors
-from video_diffusion.backends.contract import Health, Places, derive_status
+from video_diffusion.backends.contract import Health, Places, component_states, derive_status
 from video_diffusion.backends.disk_store import DiskStore
 from video_diffusion.backends.shared import answer_from_cache, load_model
 from video_diffusion.backends.storage import CHECK_SECONDS, Storage, files_estimate
@@ -278,7 +278,7 @@ class EmbeddedBackend:
             status = derive_status(draining=self._draining, model=self.model_state, components=components,
                                    storage=self.storage.state)
             details = {"waiting": len(self._queue), "running": int(self._running is not None),
-                       "components": {name: state.value for name, state in components.items()},
+                       "components": component_states(components, self.dispatcher),
                        "storage": self.storage.public()}
             if self.generator is not None:
                 details.update(self.generator.describe())

@@ -14,7 +14,7 @@ from PIL import Image
 from config import Settings
 from video_diffusion.clock import Clock
 from video_diffusion import errors
-from video_diffusion.backends.contract import Health, Places, derive_status
+from video_diffusion.backends.contract import Health, Places, component_states, derive_status
 from video_diffusion.backends.redis_store import (
     REDIS_ERRORS,
     TOMBSTONE_SECONDS,
@@ -217,7 +217,7 @@ class RedisBackend:
 
     def health(self) -> Health:
         components = self.supervisor.states()
-        details = {"mode": "redis", "components": {name: state.value for name, state in components.items()}}
+        details = {"mode": "redis", "components": component_states(components, self.dispatcher)}
         try:
             workers, waiting = self._workers(), self.queue.count
         except REDIS_ERRORS as exc:

@@ -38,7 +38,7 @@ from rq.job import Job
 from config import Settings
 from video_diffusion.clock import Clock
 from video_diffusion import errors
-from video_diffusion.delivery.webhooks import LEASE_SECONDS, Delivery, delivery_for
+from video_diffusion.delivery.webhooks import LEASE_SECONDS, Delivery, delivery_for, one_per_destination
 from video_diffusion.errors import BackendUnavailable
 from video_diffusion.lifecycle.idempotency import Entry, stale
 from video_diffusion.lifecycle.record import TOMBSTONE_SECONDS, CorruptRecord, Task, TaskStatus, failure, sources
@@ -86,11 +86,27 @@ OUTBOX = "vd:webhooks"
 
 # Claim due deliveries: each is leased (re-scored to now + lease) so that one sender has it at a time, and
 # another takes it up when that sender dies. KEYS: outbox. ARGV: now, lease end, limit.
-_CLAIM = """
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
-for _, id in ipairs(due) do redis.call('ZADD', KEYS[1], ARGV[2], id) end
-return due
+# ARGV: now, lease end, ids chosen: each still due is leased (another process may have taken it meanwhile).
+_LEASE = """
+local leased = {}
+for i = 3, #ARGV do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  if score and tonumber(score) <= tonumber(ARGV[1]) then
+    redis.call('ZADD', KEYS[1], ARGV[2], ARGV[i])
+    table.insert(leased, ARGV[i])
+  end
+end
+return leased
 """
+# ARGV: most, record key prefix. The oldest due beyond `most` go (leased ones score later: they stay).
+_TRIM = """
+local extra = redis.call('ZCARD', KEYS[1]) - tonumber(ARGV[1])
+if extra <= 0 then return 0 end
+local gone = redis.call('ZPOPMIN', KEYS[1], extra)
+for i = 1, #gone, 2 do redis.call('DEL', ARGV[2] .. gone[i]) end
+return extra
+"""
+CLAIM_WINDOW = 256  # due deliveries looked at per claim: enough to find other destinations behind a busy one
 
 
 def redis_key(kind: str, name: str) -> str:
@@ -226,7 +242,8 @@ class RedisOutbox:
 
     def __init__(self, connection: redis.Redis):
         self.redis = connection
-        self._claim = connection.register_script(_CLAIM)
+        self._lease = connection.register_script(_LEASE)
+        self._trim = connection.register_script(_TRIM)
         self._unreachable = False  # said once per outage, not every poll
 
     def add(self, delivery: Delivery) -> None:
@@ -235,23 +252,36 @@ class RedisOutbox:
             pipe.zadd(OUTBOX, {delivery.id: delivery.next_at})
             pipe.execute()
 
-    def claim(self, now: float, limit: int) -> list[Delivery]:
+    def claim(self, now: float, limit: int, busy: frozenset[str] = frozenset()) -> list[Delivery]:
         try:
-            ids = self._claim(keys=[OUTBOX], args=[now, now + LEASE_SECONDS, limit])
+            ids = self.redis.zrangebyscore(OUTBOX, "-inf", now, start=0, num=CLAIM_WINDOW)
             found = self.redis.mget([redis_key("webhook", i.decode()) for i in ids]) if ids else []
+            due = []
+            for raw_id, data in zip(ids, found):
+                if data is None:  # its record expired: nothing left to send
+                    self.redis.zrem(OUTBOX, raw_id)
+                    continue
+                try:
+                    due.append(Delivery.from_json(data))
+                except (ValueError, TypeError):
+                    log.error("webhook outbox: unreadable delivery %s; removing it", raw_id.decode(errors="replace"))
+                    self.redis.zrem(OUTBOX, raw_id)
+            chosen = one_per_destination(due, limit, busy)
+            leased = set(self._lease(keys=[OUTBOX], args=[now, now + LEASE_SECONDS, *[d.id for d in chosen]])
+                         if chosen else [])
         except REDIS_ERRORS as exc:
             if not self._unreachable:
                 log.warning("webhooks: Redis unreachable (%s); retrying", exc)
             self._unreachable = True
             return []
         self._unreachable = False
-        deliveries = []
-        for raw_id, data in zip(ids, found):
-            if data is None:  # its record expired: nothing left to send
-                self.redis.zrem(OUTBOX, raw_id)
-                continue
-            deliveries.append(Delivery.from_json(data))
-        return deliveries
+        return [d for d in chosen if d.id.encode() in leased]
+
+    def trim(self, most: int) -> int:
+        try:
+            return int(self._trim(keys=[OUTBOX], args=[most, redis_key("webhook", "")]))
+        except REDIS_ERRORS:
+            return 0
 
     def retry(self, delivery: Delivery) -> None:
         self.add(delivery)

@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterable, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from video_diffusion.clock import Clock
 from video_diffusion.errors import InvalidParameter
@@ -39,10 +39,13 @@ from video_diffusion.lifecycle.record import status_document
 log = logging.getLogger(__name__)
 
 EVENTS = ("started", "ended")
-ATTEMPT_TIMEOUT = 5.0  # seconds for one attempt: connect, send, and the receiver's status line
+URL_SAFE = "/%:@!$&'()*+,;=-._~?"  # kept as they are when a path or query is percent-encoded
+ATTEMPT_TIMEOUT = 5.0  # seconds for any one network step of an attempt (connect, a write, a read)
+ATTEMPT_DEADLINE = 10.0  # seconds for a whole attempt, connect to the answer's last byte: a trickle is cut off
+STALLED_AFTER = 3 * ATTEMPT_DEADLINE  # senders all busy and none finished for this long: /health says "stalled"
 RETRY_DELAYS = (5, 30, 120, 450)  # after each failed attempt: 5 attempts over about ten minutes
 LEASE_SECONDS = 60.0  # a claimed delivery whose sender died is tried again after this
-SENDERS = 4  # attempts in flight at once per process: one receiver that never answers holds one of them
+SENDERS = 4  # attempts in flight at once per process, at most one per destination (scheme, host, port)
 POLL_SECONDS = 0.5
 
 
@@ -92,7 +95,7 @@ def check_url(url: str, allowed: tuple[Allowed, ...]) -> Target:
 
     if not allowed:
         raise refuse("is not accepted: this server calls no webhooks (WEBHOOK_ALLOW is unset)")
-    if len(url) > 2048 or any(c.isspace() or ord(c) < 32 for c in url):
+    if len(url) > 2048 or any(c.isspace() or ord(c) < 32 or ord(c) == 127 for c in url):
         raise refuse("must be an absolute http(s) URL")
     try:
         parts = urlsplit(url)
@@ -103,12 +106,25 @@ def check_url(url: str, allowed: tuple[Allowed, ...]) -> Target:
         raise refuse("must be an absolute http(s) URL")
     if parts.username is not None or parts.password is not None or "@" in parts.netloc:
         raise refuse("must not carry a user name or password")
-    host = parts.hostname.lower()
+    try:  # an international name is sent as its ASCII (IDNA) form, as HTTP needs
+        host = parts.hostname.lower().encode("idna").decode("ascii")
+    except UnicodeError:
+        raise refuse("names a host that is not a valid domain name") from None
     port = port or (443 if parts.scheme == "https" else 80)
     if not _permits(allowed, host, port):
         raise refuse("names a host or port this server does not call (WEBHOOK_ALLOW)")
-    path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    # An IRI's path and query are sent percent-encoded (UTF-8), escapes already there kept as they are.
+    path = quote(parts.path or "/", safe=URL_SAFE) + (f"?{quote(parts.query, safe=URL_SAFE)}" if parts.query else "")
     return Target(url, parts.scheme, host, port, path)
+
+
+def destination(url: str) -> str:
+    """Where a delivery goes, as the dispatcher limits attempts in flight: scheme, host and port."""
+    try:
+        parts = urlsplit(url)
+        return f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or ''}"
+    except ValueError:
+        return url
 
 
 def parse_events(raw: str) -> list[str]:
@@ -235,12 +251,33 @@ def attempt(delivery: Delivery, allowed: tuple[Allowed, ...], secret: str | None
         headers["webhook-signature"] = sign(secret, delivery.id, timestamp, body)
     kind = _PinnedHTTPSConnection if target.scheme == "https" else _PinnedHTTPConnection
     connection = kind(address, target, ATTEMPT_TIMEOUT)
+    late = threading.Event()
+
+    def cut_off() -> None:  # the whole attempt's deadline: a receiver that trickles bytes loses its connection
+        late.set()
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    timer = threading.Timer(ATTEMPT_DEADLINE, cut_off)
+    timer.daemon = True
+    timer.start()
     try:
         connection.request("POST", target.path, body=body, headers=headers)
         response = connection.getresponse()
         response.read(65536)  # what the receiver says does not matter, only its status
+        if late.is_set():
+            raise TimeoutError(f"the attempt took longer than {ATTEMPT_DEADLINE:.0f} s")
         return response.status
+    except (OSError, http.client.HTTPException):
+        if late.is_set():
+            raise TimeoutError(f"the attempt took longer than {ATTEMPT_DEADLINE:.0f} s") from None
+        raise
     finally:
+        timer.cancel()
         connection.close()
 
 
@@ -248,10 +285,12 @@ class Outbox(Protocol):
     """Pending deliveries, kept where the backend keeps tasks, so they survive a restart."""
 
     def add(self, delivery: Delivery) -> None: ...
-    def claim(self, now: float, limit: int) -> list[Delivery]: ...  # due ones, leased to this process
+    # Due ones, leased to this process: at most one per destination, none to a destination in `busy`.
+    def claim(self, now: float, limit: int, busy: frozenset[str] = frozenset()) -> list[Delivery]: ...
     def retry(self, delivery: Delivery) -> None: ...  # saved with its new attempts and next_at
     def remove(self, delivery: Delivery) -> None: ...  # delivered or dropped
     def pending(self) -> int: ...  # deliveries not yet delivered or dropped
+    def trim(self, most: int) -> int: ...  # drop the oldest beyond `most`; how many went
 
 
 class Dispatcher:
@@ -259,8 +298,9 @@ class Dispatcher:
     At least once: a delivery leaves the outbox only after a 2xx, a refusal, or its last attempt."""
 
     def __init__(self, outbox: Outbox, allowed: tuple[Allowed, ...], secret: str | None, telemetry,
-                 clock: Clock | None = None):
+                 clock: Clock | None = None, outbox_max: int = 10_000):
         self.outbox = outbox
+        self.outbox_max = outbox_max
         self.clock = clock or Clock()  # when deliveries are due (the signature's timestamp is the real time)
         self.allowed = allowed
         self.secret = secret
@@ -268,12 +308,15 @@ class Dispatcher:
         self._pool = ThreadPoolExecutor(SENDERS, thread_name_prefix="webhook")
         self._lock = threading.Lock()
         self._busy = 0  # deliveries handed to the pool and not yet done
+        self._in_flight: set[str] = set()  # their destinations
+        self._finished_at = time.monotonic()  # when an attempt last ended (or the senders were last idle)
         self.wake = threading.Event()
 
     @classmethod
     def for_settings(cls, outbox: Outbox, settings, telemetry, clock: Clock) -> Dispatcher:
         """The dispatcher every process builds: WEBHOOK_ALLOW and WEBHOOK_SECRET from its settings."""
-        return cls(outbox, parse_allow(settings.webhook_allow or ()), settings.webhook_secret, telemetry, clock)
+        return cls(outbox, parse_allow(settings.webhook_allow or ()), settings.webhook_secret, telemetry, clock,
+                   outbox_max=settings.webhook_outbox_max)
 
     def notify(self, task) -> None:
         """Queue the delivery the task's new status calls for, if any, and wake the senders (the outbox's error
@@ -288,13 +331,28 @@ class Dispatcher:
         while not stopping.is_set():
             self.wake.wait(POLL_SECONDS)
             self.wake.clear()
+            dropped = self.outbox.trim(self.outbox_max)
+            if dropped:
+                log.warning("webhook outbox over WEBHOOK_OUTBOX_MAX=%d: dropped the %d oldest", self.outbox_max,
+                            dropped)
+                self._outcome("dropped", dropped)
             with self._lock:
-                free = SENDERS - self._busy
-            claimed = self.outbox.claim(self.clock.now(), free) if free else []
+                free, busy = SENDERS - self._busy, frozenset(self._in_flight)
+                if not self._busy:
+                    self._finished_at = time.monotonic()
+            claimed = self.outbox.claim(self.clock.now(), free, busy) if free else []
             with self._lock:
                 self._busy += len(claimed)
+                self._in_flight.update(destination(d.url) for d in claimed)
             for delivery in claimed:
                 self._pool.submit(self._send, delivery)
+
+    def state(self) -> str:
+        """"stalled" when every sender is busy and none has finished an attempt for STALLED_AFTER seconds (each
+        attempt has a deadline, so this means something is wrong); else "running"."""
+        with self._lock:
+            stuck = self._busy >= SENDERS and time.monotonic() - self._finished_at > STALLED_AFTER
+        return "stalled" if stuck else "running"
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -302,11 +360,13 @@ class Dispatcher:
     def _send(self, delivery: Delivery) -> None:
         try:
             self._send_once(delivery)
-        except Exception:  # noqa: BLE001 - the outbox keeps it; its lease runs out and it is tried again
-            log.exception("webhook %s: sending failed", delivery.id)
+        except Exception:  # noqa: BLE001 - the outbox could not be written: its lease runs out, it is tried again
+            log.exception("webhook %s: its outcome could not be saved", delivery.id)
         finally:
             with self._lock:
                 self._busy -= 1
+                self._in_flight.discard(destination(delivery.url))
+                self._finished_at = time.monotonic()
 
     def _send_once(self, delivery: Delivery) -> None:
         delivery.attempts += 1
@@ -320,6 +380,12 @@ class Dispatcher:
             return
         except (OSError, http.client.HTTPException) as exc:
             status, problem = None, f"{type(exc).__name__}: {exc}"
+        except Exception as exc:  # noqa: BLE001 - cannot be sent as it is (a bug if submission let it in)
+            log.error("webhook %s for task %s dropped: it cannot be sent (%s: %s)", delivery.id, delivery.task_id,
+                      type(exc).__name__, exc)
+            self._outcome("dropped")
+            self.outbox.remove(delivery)
+            return
         if problem is None:
             log.info("webhook %s for task %s delivered (attempt %d, %d)", delivery.id, delivery.task_id,
                      delivery.attempts, status)
@@ -343,9 +409,23 @@ class Dispatcher:
             self._outcome("retried")
             self.outbox.retry(delivery)
 
-    def _outcome(self, outcome: str) -> None:
+    def _outcome(self, outcome: str, count: int = 1) -> None:
         if self.telemetry is not None:
-            self.telemetry.webhooks.labels(outcome).inc()
+            self.telemetry.webhooks.labels(outcome).inc(count)
+
+
+def one_per_destination(due: Iterable[Delivery], limit: int, busy: frozenset[str]) -> list[Delivery]:
+    """Up to `limit` of `due` (in order), one per destination and none to a busy one: a slow receiver holds one
+    sender, never the others' turns."""
+    chosen, taken = [], set(busy)
+    for delivery in due:
+        if len(chosen) >= limit:
+            break
+        where = destination(delivery.url)
+        if where not in taken:
+            chosen.append(delivery)
+            taken.add(where)
+    return chosen
 
 
 class FileOutbox:
@@ -377,12 +457,24 @@ class FileOutbox:
         with self._lock:
             self._pending[delivery.id] = delivery
 
-    def claim(self, now: float, limit: int) -> list[Delivery]:
+    def claim(self, now: float, limit: int, busy: frozenset[str] = frozenset()) -> list[Delivery]:
         with self._lock:
             due = sorted((d for d in self._pending.values() if d.next_at <= now and d.id not in self._leased),
-                         key=lambda d: d.next_at)[:limit]
-            self._leased.update(d.id for d in due)
-            return [Delivery(**asdict(d)) for d in due]
+                         key=lambda d: d.next_at)
+            chosen = one_per_destination(due, limit, busy)
+            self._leased.update(d.id for d in chosen)
+            return [Delivery(**asdict(d)) for d in chosen]
+
+    def trim(self, most: int) -> int:
+        with self._lock:
+            extra = len(self._pending) - most
+            if extra <= 0:
+                return 0
+            oldest = sorted((d for d in self._pending.values() if d.id not in self._leased),
+                            key=lambda d: d.next_at)[:extra]
+        for delivery in oldest:
+            self.remove(delivery)
+        return len(oldest)
 
     def retry(self, delivery: Delivery) -> None:
         try:

@@ -167,7 +167,7 @@ _HEALTH = {"type": "object", "required": ["status"], "properties": {
     "waiting": {"type": "integer"}, "running": {"type": "integer"},
     "error": {"type": "object", "properties": {"code": {"type": "string"}, "message": {"type": "string"}}},
     "components": {"type": "object", "additionalProperties": {
-        "type": "string", "enum": ["running", "done", "restarting", "failed", "stopped"]}},
+        "type": "string", "enum": ["running", "done", "restarting", "failed", "stopped", "stalled"]}},
     "mode": {"type": "string"}, "redis": {"type": "string"}, "workers": {"type": "integer"}}}
 
 
