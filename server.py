@@ -6,6 +6,7 @@ responses in `views.py`, the task lifecycle in `tasks.py`, where tasks run behin
 
 from __future__ import annotations
 
+import json
 import logging
 import select
 import socket
@@ -27,7 +28,7 @@ from video_diffusion.lifecycle.record import Task, TaskStatus, cache_key, is_tas
 from video_diffusion.media.images import decode_image, open_image, target_size
 from video_diffusion.models.contract import ModelInfo
 from video_diffusion.models.families import UnknownFamily
-from video_diffusion.params import Param, check_output_memory, parse_params, schema, schema_for
+from video_diffusion.params import Param, check_output_memory, parse_params, resolve_defaults, schema, schema_for
 from video_diffusion.telemetry import Telemetry, configure_logging
 from video_diffusion.web import middleware
 from video_diffusion.web.openapi import build_document
@@ -57,7 +58,6 @@ class Service:
         # workers' heartbeats (served_model), and until one is ready checks requests against SVD-XT's schema.
         self.configured = _configured_model(settings)
         # What "the same model" means for the result cache.
-        self.model_key = f"{settings.svd_model or 'default'}|{settings.svd_dtype}|{settings.svd_device}"
         self.webhook_allow = parse_allow(settings.webhook_allow or ())
         self.decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
         self.streams = threading.BoundedSemaphore(settings.max_event_streams)
@@ -72,6 +72,15 @@ class Service:
             raise errors.ModelNotReady("no worker has reported the model it serves yet, and this API cannot read the "
                                 "folder or repo MODEL names; try again when a worker is ready", retry_after=10)
         return SVD_XT
+
+    def model_identity(self, model: ModelInfo) -> str:
+        """What, besides the request, decides a video's pixels: the model served (its name, source and family) and
+        the settings that change its output. Part of every result-cache key, with the request's parameters as the
+        server resolved them (the model's defaults and VIDEO_* where the request left a value to it)."""
+        s = self.settings
+        return json.dumps({"model": model.name, "source": model.source, "family": model.family,
+                           "dtype": s.svd_dtype, "device": s.svd_device, "vae_tiling": s.vae_tiling,
+                           "compile": s.svd_compile, "forward_chunking": s.svd_forward_chunking}, sort_keys=True)
 
     def schema(self, model: ModelInfo | None = None) -> tuple[Param, ...]:
         """The parameters this deployment accepts for the served model."""
@@ -164,7 +173,8 @@ def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Ta
     task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook,
                 created_at=service.backend.clock.now(), output_bytes=output_bytes)
     if service.settings.result_cache and generation.get("seed", "").strip():  # a drawn seed is never repeated
-        task.cache_key = cache_key(image, params, service.model_key)
+        task.cache_key = cache_key(image, resolve_defaults(params, model.defaults, model.family),
+                                   service.model_identity(model))
     task = service.backend.submit(task, image)
     service.telemetry.cache_lookup(task)
     return task

@@ -416,3 +416,21 @@ def test_a_ping_pong_holds_no_copy_and_colour_matching_works_in_place():
     drifted = np.clip(frames.astype(int) + 30, 0, 255).astype(np.uint8)
     matched = match_colours(drifted, colour_stats(frames))
     assert matched is drifted and np.abs(colour_stats(matched)[0] - colour_stats(frames)[0]).max() < 2
+
+
+def test_a_change_of_the_servers_defaults_is_a_cache_miss(make_app, tiny_model_dir, tmp_path):
+    """Before: restarted with VIDEO_WIDTH/HEIGHT/FRAMES, a seeded request leaving the size to the server got the
+    old video (X-Cache: hit). The key holds every value the server decided."""
+    from pipeline import load_generator
+
+    folder = {"VIDEO_OUTPUT_PATH": str(tmp_path / "shared"), "SVD_MODEL": str(tiny_model_dir)}
+    request = {"seed": "57", "num_inference_steps": "1"}
+    first_app = make_app(load=load_generator, **folder)
+    first = first_app.test_client().post("/generate", data=upload(image_bytes(), **request))
+    assert first.headers["X-Cache"] == "miss" and decode_video(first.data, "mp4")[0].shape == (14, 144, 256, 3)
+    first_app.extensions["video_diffusion"].backend.stop()
+    resized = make_app(load=load_generator, VIDEO_WIDTH="128", VIDEO_HEIGHT="64", VIDEO_FRAMES="20", **folder)
+    again = resized.test_client().post("/generate", data=upload(image_bytes(), **request))
+    assert again.headers["X-Cache"] == "miss" and decode_video(again.data, "mp4")[0].shape == (20, 64, 128, 3)
+    repeat = resized.test_client().post("/generate", data=upload(image_bytes(), **request))
+    assert repeat.headers["X-Cache"] == "hit" and repeat.data == again.data
