@@ -108,7 +108,7 @@ def test_the_ninth_waiting_request_gets_503_at_once(gunicorn_server):
         assert [f.result().status_code for f in waiting] == [200] * 8
 
 
-def raw_request(server, body_params: dict) -> socket.socket:
+def raw_request(server, body_params: dict, headers: dict | None = None) -> socket.socket:
     boundary = "b0undary"
     parts = [f'--{boundary}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
              for k, v in body_params.items()]
@@ -116,8 +116,9 @@ def raw_request(server, body_params: dict) -> socket.socket:
                  "Content-Type: image/png\r\n\r\n".encode() + image_bytes() + b"\r\n")
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     sock = socket.create_connection(("127.0.0.1", server.port))
+    extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
     sock.sendall(f"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary={boundary}\r\n"
-                 f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+                 f"{extra}Content-Length: {len(body)}\r\n\r\n".encode() + body)
     return sock
 
 
@@ -132,7 +133,26 @@ def test_a_client_that_hangs_up_while_waiting_gives_up_its_place(gunicorn_server
         assert health(gunicorn_server)["running"] == 1  # gone from the line before its turn came
         assert first.result().status_code == 200
     canceled = [json.loads(p.read_text()) for p in Path(gunicorn_server.output).glob("*/task.json")]
-    assert any(t["status"] == "canceled" and t["started_at"] is None for t in canceled)
+    gone = [t for t in canceled if t["status"] == "canceled" and t["started_at"] is None]
+    assert gone and gone[-1]["error"]["code"] == "client_gone" and "hung up" in gone[-1]["error"]["message"]
+    assert 'status="client_gone"' in requests.get(gunicorn_server.url + "/metrics", timeout=10).text
+
+
+def test_a_client_with_an_idempotency_key_that_hangs_up_keeps_its_task_and_the_retry_gets_the_video(
+        gunicorn_server):
+    """Before: a proxy's hang-up canceled the task and the retry with the same key got 409 `canceled by
+    request`, the exact case the key exists for."""
+    key = {"Idempotency-Key": f"hang-up-{time.time()}"}
+    params = dict(SMALL, num_inference_steps=20, seed=77)
+    sock = raw_request(gunicorn_server, params, key)
+    wait_for(lambda: health(gunicorn_server)["running"] == 1)
+    sock.close()  # the proxy gave up
+    time.sleep(1.0)  # the service notices between steps
+    retry = requests.post(gunicorn_server.url + "/generate", files={"image": ("i.png", image_bytes())},
+                          data={k: str(v) for k, v in params.items()}, headers=key, timeout=120)
+    assert retry.status_code == 200, retry.text
+    assert retry.headers["Idempotent-Replayed"] == "true" and decode_video(retry.content, "mp4")[0].shape[0] == 14
+    assert "keeps the task running" in gunicorn_server.logs()
 
 
 def test_gunicorn_loads_the_model_in_the_worker_not_the_master(gunicorn_server):

@@ -164,9 +164,19 @@ class TaskCanceled(ServiceError):
     status, code = 409, "canceled"
 
 
+class ClientGone(TaskCanceled):
+    """A synchronous client hung up before its video was ready (and sent no Idempotency-Key to come back with).
+    As an answer (nobody reads it) 499, nginx's "client closed request": the access log and metrics say
+    `client_gone`."""
+
+    status, code = 499, "client_gone"
+
+
 # What a task that ends with one of these errors says (`record.failure` stores its code and this message).
 TASK_MESSAGES: dict[type[ServiceError], str] = {
-    TaskCanceled: "canceled by request",
+    TaskCanceled: "canceled by request (DELETE /tasks/{id})",
+    ClientGone: "the client waiting for it hung up before it was done (send an Idempotency-Key to be able to come "
+                "back for it)",
     QueueTimeout: "the task waited longer than QUEUE_TIMEOUT and never ran; submit it again",
     ShuttingDown: "the service shut down before this task's turn; submit it again",
     Interrupted: "the service stopped while this task was running; submit it again",
@@ -177,7 +187,8 @@ TASK_MESSAGES: dict[type[ServiceError], str] = {
 }
 
 # Failures stored on a task carry only a code and a message; this maps a code back to its error.
-BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ModelNotReady,
+BY_CODE = {cls.code: cls for cls in (OutOfMemory, GenerationFailed, GenerationTimeout, TaskCanceled, ClientGone,
+                                     ModelNotReady,
                                      ShuttingDown, InvalidParameter, QueueTimeout, WorkerLost, StorageFull,
                                      Interrupted)}
 

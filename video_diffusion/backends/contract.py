@@ -46,7 +46,7 @@ class Backend(Protocol):
 
     def wait(self, task_id: str, timeout: float) -> Task | None: ...
 
-    def cancel(self, task_id: str) -> Task | None: ...
+    def cancel(self, task_id: str, reason: type = ...) -> Task | None: ...  # reason: the error it ends with
 
     def result(self, task: Task) -> BinaryIO | None:
         """The finished task's video as an open binary file, or None once it is gone."""

@@ -43,6 +43,7 @@ from video_diffusion.lifecycle.record import (
 log = logging.getLogger(__name__)
 
 RETRY_SAVE_SECONDS = 5.0
+KEY_SWEEP_SECONDS = 60.0  # how often the janitor deletes Idempotency-Keys past RESULT_TTL
 
 
 class EmbeddedBackend:
@@ -59,11 +60,12 @@ class EmbeddedBackend:
         self._queue: deque[str] = deque()
         # Tasks whose latest state is only in memory: queued, running, or ended with the record not yet on disk.
         self._live: dict[str, Task] = {}
-        self._cancel_requested: set[str] = set()
+        self._cancel_requested: dict[str, type] = {}  # task id -> why (errors.TaskCanceled, errors.ClientGone)
         self._save_failed: set[str] = set()  # ended tasks whose record could not be written: the janitor retries
         self._places = Places(self._cond)  # held by admitted requests still being read and decoded
         self._running: Task | None = None
         self._draining = False
+        self._keys_swept_at = time.monotonic()
         self._expiries: list[tuple[float, str, str]] = []  # heap of (when, "result" | "record", task id)
         self._cache: dict[str, str] = {}  # result cache: a request's cache key -> the task that made its video
         self.outbox = self.dispatcher = self.idempotency = None  # set by start(), once the folder is ours
@@ -91,7 +93,7 @@ class EmbeddedBackend:
         with self._cond:
             self.supervisor.stopping.set()
             if self._running is not None:
-                self._cancel_requested.add(self._running.task_id)
+                self._cancel_requested[self._running.task_id] = errors.TaskCanceled
             self._cond.notify_all()
         self.supervisor.stop(timeout)
         if self.dispatcher is not None:
@@ -237,16 +239,17 @@ class EmbeddedBackend:
                 self._cond.wait(remaining)
         return self.get(task_id)
 
-    def cancel(self, task_id: str) -> Task | None:
-        """A queued task ends `canceled` now; a running one at its next denoising step."""
+    def cancel(self, task_id: str, reason: type = errors.TaskCanceled) -> Task | None:
+        """A queued task ends `canceled` now; a running one at its next denoising step. `reason`: the error whose
+        code and message the task ends with (a DELETE, or a client that went away)."""
         with self._cond:
             task = self._live.get(task_id)
             if task is None or task.status.terminal:
                 return self.get(task_id)
             if task.status is TaskStatus.QUEUED:
-                self._end(task, TaskStatus.CANCELED, failure(errors.TaskCanceled))
+                self._end(task, TaskStatus.CANCELED, failure(reason))
             else:
-                self._cancel_requested.add(task_id)
+                self._cancel_requested[task_id] = reason
             return copy.deepcopy(task)
 
     def _fail_timed_out(self) -> None:
@@ -313,7 +316,7 @@ class EmbeddedBackend:
             self.telemetry.task_started(task)
             self.dispatcher.notify(task)
             progress = progress_recorder(task, self.settings.job_timeout, self._record_progress,
-                                         lambda: task.task_id in self._cancel_requested)
+                                         lambda: self._cancel_requested.get(task.task_id))
             status, error = execute(self.generator, task, lambda: self.store.load_image(task.task_id),
                                     self.store.result_path(task), progress)
         except OSError:
@@ -344,7 +347,7 @@ class EmbeddedBackend:
             self._remember(task)
             if task.task_id in self._queue:
                 self._queue.remove(task.task_id)
-            self._cancel_requested.discard(task.task_id)
+            self._cancel_requested.pop(task.task_id, None)
             self._cond.notify_all()
         self.telemetry.task_ended(task)
         self._save_quietly(task)
@@ -388,7 +391,7 @@ class EmbeddedBackend:
                 now = self.clock.now()
                 next_due = self._expiries[0][0] if self._expiries else now + 60
                 unsaved = [self._live[t] for t in self._save_failed if t in self._live]
-                wait = min(max(0.05, next_due - now), RETRY_SAVE_SECONDS if unsaved else 60.0)
+                wait = min(max(0.05, next_due - now), RETRY_SAVE_SECONDS if unsaved else 60.0, KEY_SWEEP_SECONDS)
                 self._cond.wait(wait)
                 if self.supervisor.stopping.is_set():
                     return
@@ -399,6 +402,15 @@ class EmbeddedBackend:
                 self._save_quietly(task)
             for _, kind, task_id in due:
                 self._expire(kind, task_id)
+            if time.monotonic() - self._keys_swept_at >= KEY_SWEEP_SECONDS:  # Idempotency-Keys past RESULT_TTL
+                self._keys_swept_at = time.monotonic()
+                try:
+                    gone = self.idempotency.sweep(self.settings.result_ttl)
+                except OSError:
+                    log.exception("could not sweep the expired Idempotency-Keys; trying again later")
+                else:
+                    if gone:
+                        log.info("deleted %d expired Idempotency-Key(s)", gone)
 
     def _expire(self, kind: str, task_id: str) -> None:
         if kind == "record":

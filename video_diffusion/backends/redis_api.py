@@ -185,15 +185,16 @@ class RedisBackend:
             time.sleep(0.1)
 
     @unavailable_on_redis_errors
-    def cancel(self, task_id: str) -> Task | None:
-        """A queued task still in RQ's queue ends now; otherwise its worker stops it at the next step."""
+    def cancel(self, task_id: str, reason: type = errors.TaskCanceled) -> Task | None:
+        """A queued task still in RQ's queue ends now; otherwise its worker stops it at the next step. `reason`:
+        the error the task ends with (its code is what the cancel key holds for the worker)."""
         task = self.get(task_id)
         if task is None or task.status.terminal:
             return task
         if task.status is TaskStatus.QUEUED and self.queue.remove(task_id):  # LREM: no worker can have it
-            self._end_now(task, failure(errors.TaskCanceled))
+            self._end_now(task, failure(reason))
             return task
-        self.redis.set(redis_key("cancel", task_id), "1", ex=self.settings.job_timeout + 120)
+        self.redis.set(redis_key("cancel", task_id), reason.code, ex=self.settings.job_timeout + 120)
         return task
 
     def served_model(self) -> ModelInfo | None:

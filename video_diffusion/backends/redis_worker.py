@@ -109,8 +109,9 @@ class WorkerRuntime:
         task = store.load(task_id)
         if task is None or task.status.terminal:
             return
-        if self.redis.exists(redis_key("cancel", task_id)):
-            self._end_unstarted(task, TaskStatus.CANCELED, failure(errors.TaskCanceled))
+        reason = self._cancel_requested(task_id)
+        if reason is not None:
+            self._end_unstarted(task, TaskStatus.CANCELED, failure(reason))
             return
         if queue_timed_out(task, self.settings.queue_timeout, self.clock.now()):
             self._end_unstarted(task, TaskStatus.FAILED, failure(errors.QueueTimeout))
@@ -169,11 +170,16 @@ class WorkerRuntime:
         if not moved:
             raise TaskLost("this task was ended elsewhere")
 
-    def _cancel_requested(self, task_id: str) -> bool:
+    def _cancel_requested(self, task_id: str) -> type | None:
+        """Why the task was canceled (the cancel key holds the error's code; "1" from an older API), or None."""
         try:
-            return bool(self.redis.exists(redis_key("cancel", task_id)))
+            code = self.redis.get(redis_key("cancel", task_id))
         except REDIS_ERRORS:
-            return False
+            return None
+        if code is None:
+            return None
+        reason = errors.BY_CODE.get(code.decode(errors="replace"), errors.TaskCanceled)
+        return reason if issubclass(reason, errors.TaskCanceled) else errors.TaskCanceled
 
     def _end_retrying(self, task: Task, status: TaskStatus, error: dict | None, video: bytes) -> bool:
         """Save the end, retrying through a Redis outage (up to JOB_TIMEOUT): a task never stays `started`."""

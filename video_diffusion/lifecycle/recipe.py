@@ -88,8 +88,8 @@ def execute(generator, task: Task, load_image: Callable[[], Image.Image], out_pa
     """Run `task` and say how it ended: every failure becomes a status and a code, never an exception."""
     try:
         run_task(generator, task, load_image(), out_path, progress)
-    except TaskCanceled:
-        return TaskStatus.CANCELED, failure(errors.TaskCanceled)
+    except TaskCanceled as exc:  # by request, or its client went away
+        return TaskStatus.CANCELED, failure(type(exc))
     except ServiceError as exc:
         return TaskStatus.FAILED, {"code": exc.code, "message": exc.message}
     except OSError:  # disk full, a folder deleted underneath, an unreadable input
@@ -107,8 +107,10 @@ def progress_recorder(task: Task, job_timeout: int, save: Callable[[Task], None]
     deadline = time.monotonic() + job_timeout
 
     def progress(phase: str, step: int, total: int) -> None:
-        if cancel_requested():
-            raise TaskCanceled("canceled by request")
+        reason = cancel_requested()  # None, or the error that says why (TaskCanceled, ClientGone)
+        if reason:
+            reason = reason if isinstance(reason, type) else TaskCanceled
+            raise reason(errors.TASK_MESSAGES[reason])
         task.phase, task.step, task.total_steps = phase, step, total
         save(task)
         if time.monotonic() > deadline:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import re
@@ -57,10 +58,25 @@ def _authorize() -> None:
         return
     given = presented_key()
     matched = False
-    for key in settings.api_key:  # every key is compared, in constant time
-        matched |= hmac.compare_digest(given.encode(), key.encode())
+    for key in (*settings.api_key, *([settings.admin_api_key] if settings.admin_api_key else [])):
+        matched |= hmac.compare_digest(given.encode(), key.encode())  # every key compared, in constant time
     if not matched:
         raise errors.Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+
+
+def tenant() -> str | None:
+    """Who owns what this request makes: a digest of the API key it presented (never the key), None without keys."""
+    if not _settings().api_key:
+        return None
+    return hashlib.sha256(b"video-diffusion tenant\0" + presented_key().encode()).hexdigest()[:32]
+
+
+def sees_every_task() -> bool:
+    """No keys set (one tenant), or the request presented ADMIN_API_KEY."""
+    settings = _settings()
+    admin = settings.admin_api_key
+    return not settings.api_key or (admin is not None and hmac.compare_digest(presented_key().encode(),
+                                                                               admin.encode()))
 
 
 def presented_key() -> str:
@@ -82,10 +98,11 @@ def _after_request(response):
     # Labels from closed sets only: made-up methods and paths must not grow /metrics.
     route = request.url_rule.rule if request.url_rule else "unmatched"
     method = request.method if request.method in KNOWN_METHODS else "other"
-    service.telemetry.http.labels(method, route, str(response.status_code)).inc()
+    status = "client_gone" if response.status_code == errors.ClientGone.status else str(response.status_code)
+    service.telemetry.http.labels(method, route, status).inc()
     duration_ms = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
     level = logging.DEBUG if request.endpoint in QUIET_ENDPOINTS else logging.INFO
-    log.log(level, "%s %s %s %.1f ms client=%s task=%s", request.method, request.path, response.status_code,
+    log.log(level, "%s %s %s %.1f ms client=%s task=%s", request.method, request.path, status,
             duration_ms, request.remote_addr, response.headers.get("X-Task-Id", "-"),
             extra={"request_id": g.get("request_id"), "task_id": response.headers.get("X-Task-Id"),
                    "method": request.method, "path": request.path, "status": response.status_code,
