@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import redis
@@ -189,3 +190,43 @@ def test_a_sync_retry_after_losing_redis_gets_the_first_task(tmp_path, tiny_mode
         for worker in workers:
             worker.stop()
         server.stop()
+
+
+def test_sync_replays_of_a_running_task_take_places_in_line_and_never_park_every_thread(make_app):
+    """Before: replays skipped admission; 60 concurrent sync replays of one key parked every request thread and
+    /status timed out. Now a waiting replay holds a place in line: beyond MAX_QUEUE, 503 queue_full at once."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_async import LONG, poll, running
+
+    app = make_app(MAX_QUEUE="4")
+    client = app.test_client()
+    first = post(client, "busy-key", **LONG)
+    poll(client, first.json["task_id"], running)
+    with ThreadPoolExecutor(12) as pool:
+        replays = [pool.submit(lambda: post(app.test_client(), "busy-key", prefer_async=False, **LONG))
+                   for _ in range(12)]
+        deadline = time.monotonic() + 20  # the 8 beyond MAX_QUEUE are answered while the task still runs
+        while sum(f.done() for f in replays) < 12 - 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.get(f"/status/{first.json['task_id']}").json["status"] == "started"
+        client.delete(f"/tasks/{first.json['task_id']}")
+        answers = [f.result(timeout=30) for f in replays]
+    refused = [a for a in answers if a.status_code == 503]
+    assert len(refused) >= 12 - 4 and all(a.json["error"]["code"] == "queue_full" for a in refused)
+    assert all(a.status_code in (503, 409) for a in answers)  # the rest waited, and saw the cancel
+
+
+def test_the_janitor_deletes_keys_past_result_ttl(make_app, tmp_path, monkeypatch):
+    """Before: key files stayed for as long as the service ran (9,823 keys, 40 MB, after RESULT_TTL)."""
+    from video_diffusion.backends import embedded
+
+    monkeypatch.setattr(embedded, "KEY_SWEEP_SECONDS", 0.3)
+    client = make_app(RESULT_TTL="1").test_client()
+    assert post(client, "short-lived", prefer_async=False, **SMALL).status_code == 200
+    keys = tmp_path / "videos" / ".idempotency"
+    assert len(list(keys.glob("*.json"))) == 1
+    deadline = time.monotonic() + 10
+    while list(keys.glob("*.json")) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not list(keys.glob("*.json"))

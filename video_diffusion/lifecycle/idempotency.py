@@ -150,5 +150,21 @@ class FileStore:
         with self._lock:
             self._path(name).unlink(missing_ok=True)
 
+    def sweep(self, ttl: int) -> int:
+        """Delete the keys past RESULT_TTL (and stale claims); how many went. The janitor calls it."""
+        now, gone = self.clock.now(), 0
+        for path in self.folder.glob("*.json"):
+            with self._lock:
+                try:
+                    entry = Entry.from_json(path.read_bytes())
+                except FileNotFoundError:
+                    continue
+                except (ValueError, TypeError):
+                    entry = None
+                if entry is None or live(entry, ttl, now) is None:
+                    path.unlink(missing_ok=True)
+                    gone += 1
+        return gone
+
     def _write(self, name: str, entry: Entry) -> None:
         write_atomic(self._path(name), lambda tmp: Path(tmp).write_text(entry.to_json()))
