@@ -178,7 +178,11 @@ class Settings:
         "Redis mode: port each worker serves its Prometheus metrics on (0: off).")
     api_key: tuple[str, ...] | None = _setting(None, _list,
         "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
-        "`Authorization: Bearer <key>` or `X-API-Key: <key>`.", secret=True)
+        "`Authorization: Bearer <key>` or `X-API-Key: <key>`. Each key is a tenant: its tasks, cached results and "
+        "Idempotency-Keys are its own (other keys get 404).", secret=True)
+    admin_api_key: str | None = _setting(None, _optional_text,
+        "A key that sees and cancels every tenant's tasks (it submits as its own tenant); needs API_KEY.",
+        secret=True)
     webhook_allow: tuple[str, ...] | None = _setting(None, _allow_list,
         "Comma-separated hosts (`host`, `host:port`, `[v6]:port`) that `webhook` URLs may name; unset: "
         "webhooks are refused. A name that resolves to a loopback, private or link-local address is called "

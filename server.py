@@ -104,6 +104,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     configure_logging(settings.log_level, settings.log_format)
     telemetry = telemetry or Telemetry()
     app = Flask(__name__, static_folder=None)  # the page blueprint serves the files, publicly
+    app.url_map.merge_slashes = False  # `/status/%2Fevents` is an id that is no task (404), not a 308 elsewhere
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)
     backend = backend or _make_backend(settings, load, telemetry, clock or Clock())
@@ -171,10 +172,11 @@ def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Ta
     with service.decodes, service.telemetry.decode.time():
         image = decode_image(image, service.settings.max_dimension)
     task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook,
-                created_at=service.backend.clock.now(), output_bytes=output_bytes)
+                created_at=service.backend.clock.now(), output_bytes=output_bytes, owner=middleware.tenant())
     if service.settings.result_cache and generation.get("seed", "").strip():  # a drawn seed is never repeated
+        # Per tenant: a hit must not tell one API key that another made the same request.
         task.cache_key = cache_key(image, resolve_defaults(params, model.defaults, model.family),
-                                   service.model_identity(model))
+                                   f"{service.model_identity(model)}|{task.owner or ''}")
     task = service.backend.submit(task, image)
     service.telemetry.cache_lookup(task)
     return task
@@ -196,7 +198,7 @@ def _respond(service: Service, mode: str, task: Task, **headers: str):
     headers = {"X-Cache": "hit" if task.cached_from else "miss", **headers}
     if mode == "async":
         return status_response(task, 202, Location=url_for("api.status", task_id=task.task_id), **headers)
-    response = video_response(_wait_for(task.task_id))
+    response = video_response(_wait_for(task.task_id, keyed=idempotency.HEADER in request.headers))
     response.headers.update(headers)
     return response
 
@@ -206,9 +208,14 @@ def _generate_once(service: Service, mode: str, key: str):
     store, ttl, clock = service.backend.idempotency, service.settings.result_ttl, service.backend.clock
     name = idempotency.scoped(key, middleware.presented_key())
     existing = idempotency.live(store.get(name), ttl, clock.now())
-    if existing is not None and existing.task_id is not None:  # a replay needs no place in line
+    if existing is not None and existing.task_id is not None:
         print_ = idempotency.fingerprint(_read_image_bytes(), _raw_params())
-        return _replay(service, mode, idempotency.settle(existing, print_))
+        task_id = idempotency.settle(existing, print_)
+        ended = (task := service.backend.get(task_id)) is not None and task.status.terminal
+        if mode == "async" or ended:  # answered now: no wait, no place in line
+            return _replay(service, mode, task_id)
+        with service.backend.admission(mode):  # a replay that waits holds a place in line, as any waiting request
+            return _replay(service, mode, task_id)
     with service.backend.admission(mode):
         raw, data = _raw_params(), _read_image_bytes()
         print_ = idempotency.fingerprint(data, raw)
@@ -338,9 +345,10 @@ def _requested_mode(default: str) -> str:
 
 
 def _find(task_id: str) -> Task:
-    """The task, or 404: unknown and malformed ids get the same answer."""
+    """The task, or 404: unknown and malformed ids, and another tenant's tasks, get the same answer (ADMIN_API_KEY
+    sees every task; tasks made before API keys were tenants have no owner and are everyone's)."""
     task = _service().backend.get(task_id) if is_task_id(task_id) else None
-    if task is None:
+    if task is None or not (task.owner is None or task.owner == middleware.tenant() or middleware.sees_every_task()):
         raise errors.NotFound("no task with this id")
     return task
 
@@ -372,8 +380,10 @@ def _read_image_bytes() -> bytes:
 
 # --- waiting -----------------------------------------------------------------------------------------
 
-def _wait_for(task_id: str) -> Task:
-    """Wait for a synchronous task, up to SYNC_TIMEOUT; a client that hangs up gives up its place."""
+def _wait_for(task_id: str, keyed: bool = False) -> Task:
+    """Wait for a synchronous task, up to SYNC_TIMEOUT. A client that hangs up gives up its place: its task is
+    canceled `client_gone`, unless it sent an Idempotency-Key (`keyed`), with which it may come back for the
+    video: then the task runs on (bounded by JOB_TIMEOUT). Either way the wait ends there."""
     service = _service()
     deadline = time.monotonic() + service.settings.sync_timeout
     links = {"task_id": task_id, "status_url": url_for("api.status", task_id=task_id),
@@ -391,8 +401,12 @@ def _wait_for(task_id: str) -> Task:
                 f"no video within SYNC_TIMEOUT={service.settings.sync_timeout} s; the task goes on: fetch it later",
                 details=links)
         if _client_disconnected():
-            log.info("client of task %s hung up; canceling it", task_id)
-            service.backend.cancel(task_id)
+            if keyed:
+                log.info("client of task %s hung up; its Idempotency-Key keeps the task running for a retry", task_id)
+            else:
+                log.info("client of task %s hung up; canceling the task (client_gone)", task_id)
+                service.backend.cancel(task_id, errors.ClientGone)
+            raise errors.ClientGone("the client hung up before its video was ready")
 
 
 def _client_disconnected() -> bool:

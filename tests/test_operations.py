@@ -96,6 +96,26 @@ def test_keys_and_image_bytes_never_reach_the_logs(make_app, caplog):
     assert "s3cret" not in logged and "IMAGE-BYTES-MARKER" not in logged
 
 
+def test_each_api_key_is_a_tenant_and_the_admin_key_sees_every_task(make_app):
+    """Before: with API_KEY=a,b, key b could read, stream, download and cancel a's tasks given the id, and a
+    result-cache hit told b that a had made the same request."""
+    client = make_app(API_KEY="key-a,key-b", ADMIN_API_KEY="key-admin").test_client()
+    a, b, admin = ({"X-API-Key": k} for k in ("key-a", "key-b", "key-admin"))
+    made = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=91), headers=a)
+    task_id = made.headers["X-Task-Id"]
+    for path in (f"/status/{task_id}", f"/status/{task_id}/events", f"/results/{task_id}"):
+        other = client.get(path, headers=b)
+        assert other.status_code == 404 and other.json["error"]["code"] == "not_found", path
+        assert client.get(path, headers=a).status_code == 200, path
+        assert client.get(path, headers=admin).status_code == 200, path
+    assert client.delete(f"/tasks/{task_id}", headers=b).status_code == 404
+    same = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=91), headers=b)
+    assert same.headers["X-Cache"] == "miss"  # b's own video, not a's
+    again = client.post("/generate", data=upload(image_bytes(), **SMALL, seed=91), headers=a)
+    assert again.headers["X-Cache"] == "hit" and again.data == made.data
+    assert client.delete(f"/tasks/{same.headers['X-Task-Id']}", headers=admin).status_code == 409  # ended: seen
+
+
 def test_livez_always_answers(client):
     assert client.get("/livez").json == {"status": "alive"}
 

@@ -110,6 +110,7 @@ class Task:
     cached_from: str | None = None  # a result-cache hit: the task whose video this one answers with
     webhook: dict[str, Any] | None = None  # {"url", "events"}: called when the task ends (webhooks.py)
     output_bytes: int | None = None  # the video's frames in memory (frames x width x height x 3), estimated at submit
+    owner: str | None = None  # the tenant (a digest of the API key) that made it; None without API keys
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
@@ -197,6 +198,7 @@ _SCHEMA: dict[str, tuple[Any, Any]] = {
     "cached_from": (_or_none(_text), lambda data: None),
     "webhook": (_or_none(_webhook), lambda data: None),
     "output_bytes": (_or_none(_count), lambda data: None),
+    "owner": (_or_none(_text), lambda data: None),
 }
 DAMAGED = {"code": "storage_error", "message": "the task's stored record was damaged; submit it again"}
 
@@ -315,7 +317,8 @@ def reuse(original: Task | None, request: Task, result_ttl: int, now: float) -> 
                 step=original.step, total_steps=original.total_steps, model=original.model,
                 result={**original.result, "filename": f"{request.task_id}.{extension}", "expires_at": expires},
                 timings={"queue_wait": 0.0, "generation": 0.0, "postprocessing": 0.0, "encoding": 0.0},
-                cache_key=request.cache_key, cached_from=original.task_id, webhook=request.webhook)
+                cache_key=request.cache_key, cached_from=original.task_id, webhook=request.webhook,
+                owner=request.owner, output_bytes=request.output_bytes)
 
 
 # --- what clients read -----------------------------------------------------------------------------
