@@ -69,6 +69,32 @@ def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, ti
         server.stop()
 
 
+def test_redis_paused_longer_than_worker_ttl_fails_no_live_workers_task(tmp_path, tiny_model_dir):
+    """Before: Redis SIGSTOPed 20 s with WORKER_TTL=10; the API's reaper failed the task `abandoned` 0.6 s after
+    Redis came back, and the worker, alive all along, finished the video and threw it away."""
+    import signal
+
+    server = RedisServer(tmp_path)
+    server.start()
+    (worker,) = start_worker_processes(tmp_path, tiny_model_dir, server.url, WORKER_TTL="3")
+    app, client = make_api(tmp_path, server.url)  # WORKER_TTL=3 too
+    try:
+        task_id = submit(client, **dict(SMALL, num_inference_steps=60)).json["task_id"]
+        poll(client, task_id, lambda body: running(body) and body["progress"]["step"] >= 2, timeout=60)
+        server.process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(7)  # over twice WORKER_TTL: every heartbeat key is past its expiry when Redis wakes
+        finally:
+            server.process.send_signal(signal.SIGCONT)
+        final = poll(client, task_id, ended, timeout=120)
+        assert final["status"] == "finished", final
+        assert client.get(f"/results/{task_id}").status_code == 200
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+        worker.stop()
+        server.stop()
+
+
 def test_a_worker_restarted_under_the_same_name_fails_its_old_task(api):
     backend, client = api
     store = backend.store

@@ -78,6 +78,7 @@ class RedisBackend:
 
     def start(self) -> None:
         self.supervisor.spawn("reaper", self._reap_loop)
+        self.supervisor.spawn("redis-watch", lambda: self.store.watch(self.supervisor.stopping))
         self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
 
     def _reap_loop(self) -> None:

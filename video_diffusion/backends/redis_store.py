@@ -27,6 +27,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import time
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -106,6 +107,7 @@ local gone = redis.call('ZPOPMIN', KEYS[1], extra)
 for i = 1, #gone, 2 do redis.call('DEL', ARGV[2] .. gone[i]) end
 return extra
 """
+WATCH_SECONDS = 0.5  # how often `watch` pings Redis
 CLAIM_WINDOW = 256  # due deliveries looked at per claim: enough to find other destinations behind a busy one
 
 
@@ -140,6 +142,8 @@ class RedisStore:
         self.clock = clock
         self.queue = Queue(QUEUE_NAME, connection=connection)
         self._transition = connection.register_script(_TRANSITION)
+        # Since when (monotonic) Redis has answered promptly (`watch`); -inf until an outage is seen; None while down.
+        self._reachable_since: float | None = float("-inf")
 
     def load(self, task_id: str) -> Task | None:
         data = self.redis.get(redis_key("task", task_id))
@@ -210,10 +214,50 @@ class RedisStore:
         task.__dict__.update(ended.__dict__)
         return True
 
+    def watch(self, stopping) -> None:
+        """The loop a Supervisor runs in every process that judges workers: a PING every WATCH_SECONDS on a
+        connection of its own that gives up after a second. Redis down, or an answer slow or late (paused, a
+        failover, this process stalled) marks an outage; judging resumes WORKER_TTL after Redis answers again."""
+        probe = redis.Redis.from_url(self.settings.redis, socket_timeout=1, socket_connect_timeout=1)
+        last_ok = None
+        try:
+            while not stopping.wait(WATCH_SECONDS):
+                asked = time.monotonic()
+                try:
+                    probe.ping()
+                except REDIS_ERRORS:
+                    if self._reachable_since is not None:
+                        log.warning("Redis does not answer: no task is judged abandoned until it has answered for "
+                                    "WORKER_TTL=%d s", self.settings.worker_ttl)
+                    self._reachable_since, last_ok = None, None
+                    continue
+                answered = time.monotonic()
+                if self._reachable_since is None or answered - asked > 1.0 or (
+                        last_ok is not None and answered - last_ok > 4 * WATCH_SECONDS):
+                    if self._reachable_since is None or answered - self._reachable_since > self.settings.worker_ttl:
+                        log.info("Redis answers again (or answered late): judging no worker for WORKER_TTL=%d s",
+                                 self.settings.worker_ttl)
+                    self._reachable_since = answered
+                last_ok = answered
+        finally:
+            probe.close()
+
+    def may_judge(self) -> bool:
+        """Whether a worker's silence means it is gone: Redis has answered for the last WORKER_TTL (heartbeat keys
+        expire on Redis's clock, which runs on while it is paused, so after an outage every key may be gone)."""
+        since = self._reachable_since
+        return since is not None and time.monotonic() - since >= self.settings.worker_ttl
+
     def reap(self) -> None:
         """Fail the tasks nobody will ever finish: running on a worker that is gone (or has moved on to another
-        task), or queued with their RQ job gone. Both the API and every worker call it."""
-        for raw_id in self.redis.smembers("vd:started"):
+        task), or queued with their RQ job gone. Both the API and every worker call it; none while `may_judge`
+        says a worker's silence may be Redis's."""
+        started = self.redis.smembers("vd:started")
+        if self.may_judge():
+            self._reap(started)
+
+    def _reap(self, started: set[bytes]) -> None:
+        for raw_id in started:
             task = self.load(raw_id.decode())
             if task is None or task.status is not TaskStatus.STARTED:
                 self.redis.srem("vd:started", raw_id)
@@ -229,7 +273,7 @@ class RedisStore:
                 self.end(task, TaskStatus.FAILED, failure(errors.WorkerLost))
 
     def fail_if_abandoned(self, task: Task) -> None:
-        if task.status is not TaskStatus.STARTED:
+        if task.status is not TaskStatus.STARTED or not self.may_judge():
             return
         beat = self.heartbeat(task.worker)
         if beat is None or beat.get("task") != task.task_id:

@@ -87,6 +87,7 @@ class WorkerRuntime:
     def start_heartbeat(self) -> None:
         self.supervisor.spawn("heartbeat", self._heartbeat_loop)
         self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
+        self.supervisor.spawn("redis-watch", lambda: self.store.watch(self.supervisor.stopping))  # for its reaping
 
     def _heartbeat_loop(self) -> None:
         while not self.supervisor.stopping.wait(self.settings.worker_ttl / 3):
