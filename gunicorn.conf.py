@@ -8,6 +8,7 @@ data folder another instance owns, or one that cannot be written.
 """
 
 import errno
+import os
 import signal
 import socket
 import sys
@@ -56,11 +57,38 @@ graceful_timeout = _settings.job_timeout + 30
 accesslog = None  # the app logs one line per request, with its request id
 
 
+def when_ready(server):
+    """Ctrl-C (SIGINT) in the master drains like SIGTERM, said in one line; a second Ctrl-C stops the workers now.
+    (gunicorn's own SIGINT is a quick shutdown: the port closed at once, the running task cut off mid-step.)"""
+    interrupts = []
+
+    def on_interrupt(signum, frame):
+        interrupts.append(signum)
+        if len(interrupts) == 1:
+            print("video-diffusion: finishing the running task; Ctrl-C again to stop now", file=sys.stderr,
+                  flush=True)
+            server.signal(signal.SIGTERM, frame)  # the graceful stop, as `kill` asks for it
+        else:
+            for pid in list(server.WORKERS):
+                try:
+                    os.kill(pid, signal.SIGINT)  # a worker already draining stops now on its next SIGINT
+                except ProcessLookupError:
+                    pass
+
+    signal.signal(signal.SIGINT, on_interrupt)
+
+
 def post_worker_init(worker):
-    """On SIGTERM, drain first (health 503, new work refused, running task finishes), then stop as usual."""
+    """On SIGTERM (or a first Ctrl-C), drain first (health 503, new work refused, running task finishes), then stop
+    as usual. A SIGINT while draining stops now: the running task is recorded `interrupted`, no traceback."""
     stop = worker.handle_exit
+    draining = threading.Event()
 
     def drain_then_stop(signum, frame):
+        if draining.is_set():
+            return
+        draining.set()
+
         def run():
             try:
                 worker.wsgi.extensions["video_diffusion"].drain()
@@ -69,4 +97,14 @@ def post_worker_init(worker):
 
         threading.Thread(target=run, name="drain", daemon=True).start()
 
+    def on_interrupt(signum, frame):
+        if not draining.is_set():
+            drain_then_stop(signum, frame)
+            return
+        try:
+            worker.wsgi.extensions["video_diffusion"].interrupt()
+        finally:
+            os._exit(0)  # at once: no interpreter teardown under torch's running threads (that aborted before)
+
     signal.signal(signal.SIGTERM, drain_then_stop)
+    signal.signal(signal.SIGINT, on_interrupt)

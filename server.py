@@ -96,6 +96,11 @@ class Service:
         log.info("draining: /health answers 503, new submissions are refused")
         self.backend.drain(self.settings.job_timeout)
 
+    def interrupt(self) -> None:
+        """A second Ctrl-C: stop now; what was running is recorded `interrupted` (queued async tasks stay)."""
+        log.warning("stopping now: the running task is recorded interrupted")
+        self.backend.interrupt()
+
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None, load=None,
                telemetry: Telemetry | None = None, clock: Clock | None = None) -> Flask:

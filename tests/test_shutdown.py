@@ -60,3 +60,33 @@ def test_sigterm_drains_finishes_the_running_task_and_keeps_the_queue(tmp_path, 
         assert requests.get(f"{restarted.url}/results/{running}", timeout=5).status_code == 200
     finally:
         restarted.stop()
+
+
+def test_ctrl_c_drains_like_sigterm_and_a_second_one_stops_at_once_recording_the_task(tmp_path, tiny_model_dir):
+    """Before: Ctrl-C (SIGINT to the foreground group) closed the port at once, then waited silently for the
+    running generation; some runs aborted (`terminate called without an active exception`); a second Ctrl-C
+    printed a SystemExit traceback."""
+    import os
+
+    server = Gunicorn(tmp_path, {"SVD_MODEL": str(tiny_model_dir)})
+    try:
+        server.wait_ready()
+        running = post(server, "respond-async", **dict(SMALL, num_inference_steps=100)).json()["task_id"]
+        deadline = time.monotonic() + 20
+        while requests.get(server.url + "/health", timeout=5).json()["running"] < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        group = os.getpgid(server.process.pid)
+        os.killpg(group, signal.SIGINT)  # what a terminal sends to the foreground group
+        time.sleep(0.5)
+        health = requests.get(server.url + "/health", timeout=5)
+        assert health.status_code == 503 and health.json()["status"] == "draining"
+        os.killpg(group, signal.SIGINT)
+        assert server.process.wait(15) == 0
+    finally:
+        server.stop()
+    logs = server.logs()
+    assert logs.count("finishing the running task; Ctrl-C again to stop now") == 1, logs[-3000:]
+    assert "Traceback" not in logs and "terminate called" not in logs, logs[-3000:]
+    record = json.loads((server.output / running / "task.json").read_text())
+    assert record["status"] == "failed" and record["error"]["code"] == "interrupted", record

@@ -48,6 +48,8 @@ class Backend(Protocol):
 
     def cancel(self, task_id: str, reason: type = ...) -> Task | None: ...  # reason: the error it ends with
 
+    def interrupt(self) -> None: ...  # stop now: what runs is recorded interrupted
+
     def result(self, task: Task) -> BinaryIO | None:
         """The finished task's video as an open binary file, or None once it is gone."""
 

@@ -111,6 +111,15 @@ class EmbeddedBackend:
                 self._end(self._live[task_id], TaskStatus.CANCELED, failure(errors.ShuttingDown))
             self._cond.wait_for(lambda: self._running is None or not self.supervisor.alive("runner"), timeout)
 
+    def interrupt(self) -> None:
+        """Stop now (a second Ctrl-C, the process exits next): the running task and the synchronous ones waiting
+        end `interrupted`, written down; queued async tasks stay for the next start."""
+        with self._cond:
+            ending = [t for t in (self._running, *(self._live[i] for i in self._queue if self._live[i].mode == "sync"))
+                      if t is not None]
+        for task in ending:
+            self._end(task, TaskStatus.FAILED, failure(errors.Interrupted))
+
     def _recover(self) -> None:
         """After a restart: queued async tasks run again; a task that was running ends `interrupted`.
 

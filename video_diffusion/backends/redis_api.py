@@ -92,6 +92,9 @@ class RedisBackend:
         """Refuse new work; nothing runs in the API process, and gunicorn waits for requests in flight."""
         self._draining = True
 
+    def interrupt(self) -> None:
+        """Stop now: the API runs no task, so nothing to record (the workers' own tasks go on)."""
+
     def stop(self) -> None:
         self.supervisor.stop(5)
         self.dispatcher.stop()
