@@ -32,7 +32,8 @@ EXPOSE 5013
 # The model cache (Hugging Face downloads) and the videos outlive the container.
 VOLUME ["/models", "/data/videos"]
 # Loading SVD-XT the first time downloads ~10 GB: give it time before counting failures. Python, not curl:
-# nothing else to install. A 503 (loading, draining) raises, so the check fails until the service is ready.
+# nothing else to install. A 503 (loading, draining) raises, so the check fails until the service is ready. The
+# port is the service's own PORT (environment or .env), read the way the service reads it.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=15m --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://localhost:5013/health', timeout=4)"]
+    CMD ["python", "-c", "import urllib.request; from config import load_settings; urllib.request.urlopen(f'http://localhost:{load_settings().port}/health', timeout=4)"]
 CMD ["gunicorn", "--config", "gunicorn.conf.py"]

@@ -3,11 +3,31 @@
 #
 #   ./demo.sh /path/to/image.jpg [name=value ...]       e.g. ./demo.sh cat.jpg fps=8 motion_bucket_id=180
 #
-# API_URL (default http://localhost:5013) names the service: `make run` or the compose stack.
-# API_KEY, when set, is sent as a bearer token. Needs curl and python3.
+# API_URL names the service (`make run` or the compose stack); unset, http://localhost:<PORT> with PORT from the
+# environment or from the .env next to this script (as the service reads it), else 5013. API_KEY, when set (or
+# in that .env: its first key), is sent as a bearer token. Needs curl and python3.
 set -euo pipefail
 
-API_URL="${API_URL:-http://localhost:5013}"
+dotenv() {  # dotenv NAME: the value .env gives NAME ("" if none); KEY=value lines, quotes and comments allowed
+    local file="${DOTENV:-$(dirname "$0")/.env}"
+    [ -f "$file" ] || return 0
+    python3 - "$file" "$1" <<'PY'
+import shlex, sys
+for line in open(sys.argv[1], encoding="utf-8"):
+    line = line.strip()
+    if line.startswith("export "):
+        line = line[7:]
+    key, sep, value = line.partition("=")
+    if sep and key.strip() == sys.argv[2]:
+        words = shlex.split(value, comments=True)
+        print(words[0] if words else "")
+PY
+}
+
+PORT="${PORT:-$(dotenv PORT)}"
+API_KEY="${API_KEY:-$(dotenv API_KEY)}"
+API_KEY="${API_KEY%%,*}"
+API_URL="${API_URL:-http://localhost:${PORT:-5013}}"
 OUTPUT="${OUTPUT:-output_video.mp4}"
 image="${1:?usage: $0 /path/to/image.jpg [name=value ...]}"
 shift

@@ -55,6 +55,8 @@ timeout = 120  # worker heartbeat: the generation runs in its own thread, so lon
 # SIGTERM: the running generation may take up to JOB_TIMEOUT to finish; then gunicorn's own wind-down.
 graceful_timeout = _settings.job_timeout + 30
 accesslog = None  # the app logs one line per request, with its request id
+# No control socket: gunicorn's default is one path per user (~/.gunicorn/gunicorn.ctl) shared by every instance.
+control_socket_disable = True
 
 
 def when_ready(server):

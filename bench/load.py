@@ -105,10 +105,12 @@ def probing(url: str, latencies: list[float]) -> Iterator[None]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--smoke", action="store_true", help="4 clients, 1 request each, 8 for memory")
+    parser.add_argument("--smoke", action="store_true", help="4 clients, 1 request each, 4 for memory, 64x64, 2 steps")
     args = parser.parse_args()
-    clients, per_client, memory_requests = (4, 1, 8) if args.smoke else (16, 4, 200)
+    clients, per_client, memory_requests = (4, 1, 4) if args.smoke else (16, 4, 200)
     params = {"width": "128", "height": "128", "num_inference_steps": "4", "seed": "7"}
+    if args.smoke:
+        params.update(width="64", height="64", num_inference_steps="2")
     folder = Path(tempfile.mkdtemp(prefix="bench-load-"))
     from PIL import Image
 

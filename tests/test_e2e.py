@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from conftest import SMALL, decode_video, image_bytes
+from conftest import ROOT, SMALL, decode_video, image_bytes
 
 pytestmark = pytest.mark.slow
 # The tiny model's own default size and steps: a few seconds, long enough to queue behind.
@@ -172,6 +172,45 @@ def test_demo_script_submits_follows_and_downloads(gunicorn_server, tmp_path):
     assert "queued" in result.stdout and "saved output_video.mp4" in result.stdout
     frames, fps = decode_video((tmp_path / "output_video.mp4").read_bytes(), "mp4")
     assert frames.shape == (14, 64, 64, 3) and fps == 6
+
+
+def test_demo_script_finds_the_service_from_its_dotenv_like_the_service(gunicorn_server, tmp_path):
+    """Before: demo.sh called 5013 whatever `.env` said (PORT=6501 there)."""
+    (tmp_path / "image.png").write_bytes(image_bytes())
+    (tmp_path / "service.env").write_text(f"# the service's settings\nPORT='{gunicorn_server.port}'  # here\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("API_URL", "PORT", "API_KEY")}
+    result = subprocess.run(
+        ["bash", str(Path(__file__).resolve().parent.parent / "demo.sh"), "image.png", "width=64", "height=64",
+         "num_inference_steps=2"], cwd=tmp_path, capture_output=True, text=True, timeout=120, check=False,
+        env={**env, "DOTENV": str(tmp_path / "service.env"), "POLL_SECONDS": "0.2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "output_video.mp4").stat().st_size > 0
+
+
+def test_the_images_healthcheck_asks_the_port_the_service_listens_on(gunicorn_server):
+    """Before: HEALTHCHECK hard-coded 5013, so a container with another PORT was unhealthy for ever."""
+    import shlex
+
+    line = next(line for line in (ROOT / "Dockerfile").read_text().splitlines() if "CMD [\"python\", \"-c\"" in line)
+    command = json.loads(line.split("CMD", 1)[1].strip())
+    env = {**os.environ, "PORT": str(gunicorn_server.port)}
+    assert subprocess.run(command, cwd=ROOT, env=env, timeout=30, check=False).returncode == 0, shlex.join(command)
+    other = {**env, "PORT": str(gunicorn_server.port + 1 if gunicorn_server.port < 65535 else 1)}
+    assert subprocess.run(command, cwd=ROOT, env=other, capture_output=True, timeout=30, check=False).returncode != 0
+
+
+def test_gunicorn_makes_no_control_socket_in_the_users_home(tmp_path):
+    """Before: every gunicorn on a host shared ~/.gunicorn/gunicorn.ctl (the second one's replaced the first's)."""
+    from conftest import Gunicorn
+
+    home = tmp_path / "home"
+    home.mkdir()
+    server = Gunicorn(tmp_path / "service", {"SVD_MODEL": "tiny", "HOME": str(home), "XDG_RUNTIME_DIR": ""})
+    try:
+        server.wait_ready()
+        assert not (home / ".gunicorn").exists() and not list(home.rglob("*.ctl"))
+    finally:
+        server.stop()
 
 
 def test_demo_script_reports_a_refused_submission(gunicorn_server, tmp_path):
