@@ -189,7 +189,12 @@ def ready_gunicorn(folder: Path, env: dict[str, str]):
 
 @pytest.fixture(scope="module")
 def gunicorn_server(tmp_path_factory, tiny_model_dir):
-    with ready_gunicorn(tmp_path_factory.mktemp("gunicorn"), {"SVD_MODEL": str(tiny_model_dir)}) as server:
+    """`make run`'s gunicorn on the tiny model, with a home of its own (`server.home`: nothing of it is shared)."""
+    folder = tmp_path_factory.mktemp("gunicorn")
+    home = folder / "home"
+    home.mkdir()
+    with ready_gunicorn(folder, {"SVD_MODEL": str(tiny_model_dir), "HOME": str(home), "XDG_RUNTIME_DIR": ""}) as server:
+        server.home = home
         yield server
 
 

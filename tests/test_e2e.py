@@ -199,18 +199,9 @@ def test_the_images_healthcheck_asks_the_port_the_service_listens_on(gunicorn_se
     assert subprocess.run(command, cwd=ROOT, env=other, capture_output=True, timeout=30, check=False).returncode != 0
 
 
-def test_gunicorn_makes_no_control_socket_in_the_users_home(tmp_path):
+def test_gunicorn_makes_no_control_socket_in_the_users_home(gunicorn_server):
     """Before: every gunicorn on a host shared ~/.gunicorn/gunicorn.ctl (the second one's replaced the first's)."""
-    from conftest import Gunicorn
-
-    home = tmp_path / "home"
-    home.mkdir()
-    server = Gunicorn(tmp_path / "service", {"SVD_MODEL": "tiny", "HOME": str(home), "XDG_RUNTIME_DIR": ""})
-    try:
-        server.wait_ready()
-        assert not (home / ".gunicorn").exists() and not list(home.rglob("*.ctl"))
-    finally:
-        server.stop()
+    assert not (gunicorn_server.home / ".gunicorn").exists() and not list(gunicorn_server.home.rglob("*.ctl"))
 
 
 def test_demo_script_reports_a_refused_submission(gunicorn_server, tmp_path):

@@ -29,7 +29,7 @@ def test_dockerfile_serves_on_5013_as_non_root_with_a_healthcheck():
     assert re.search(r"^EXPOSE 5013$", DOCKERFILE, re.M)
     assert re.search(r"^USER 10001$", DOCKERFILE, re.M)
     assert 'VOLUME ["/models", "/data/videos"]' in DOCKERFILE
-    assert "http://localhost:5013/health" in DOCKERFILE.split("HEALTHCHECK", 1)[1]
+    assert "http://localhost:{load_settings().port}/health" in DOCKERFILE.split("HEALTHCHECK", 1)[1]  # PORT's
     assert DOCKERFILE.rstrip().endswith('CMD ["gunicorn", "--config", "gunicorn.conf.py"]')
     assert "--preload" not in DOCKERFILE
 

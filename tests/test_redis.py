@@ -35,7 +35,7 @@ def shared(tmp_path_factory, tiny_model_dir):
 
 
 def make_api(tmp_path, url: str, clock=None, **env):
-    app = create_app(settings_for(tmp_path, REDIS_URL=url, WORKER_TTL="3", **env), clock=clock)
+    app = create_app(settings_for(tmp_path, **{"REDIS_URL": url, "WORKER_TTL": "3", **env}), clock=clock)
     return app, app.test_client()
 
 

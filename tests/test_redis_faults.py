@@ -83,7 +83,7 @@ def test_redis_paused_longer_than_worker_ttl_fails_no_live_workers_task(tmp_path
         poll(client, task_id, lambda body: running(body) and body["progress"]["step"] >= 2, timeout=60)
         server.process.send_signal(signal.SIGSTOP)
         try:
-            time.sleep(7)  # over twice WORKER_TTL: every heartbeat key is past its expiry when Redis wakes
+            time.sleep(6.5)  # over twice WORKER_TTL: every heartbeat key is past its expiry when Redis wakes
         finally:
             server.process.send_signal(signal.SIGCONT)
         final = poll(client, task_id, ended, timeout=120)
