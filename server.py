@@ -110,6 +110,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     telemetry = telemetry or Telemetry()
     app = Flask(__name__, static_folder=None)  # the page blueprint serves the files, publicly
     app.url_map.merge_slashes = False  # `/status/%2Fevents` is an id that is no task (404), not a 308 elsewhere
+    app.json.sort_keys = False  # bodies keep the order written (the OpenAPI document's content types first)
     app.config.update(MAX_CONTENT_LENGTH=settings.max_upload_mb * 1024 * 1024, MAX_FORM_PARTS=64,
                       MAX_FORM_MEMORY_SIZE=1024 * 1024)
     backend = backend or _make_backend(settings, load, telemetry, clock or Clock())
@@ -311,7 +312,7 @@ def metrics():
 
 @api.get("/openapi.json")
 def openapi():
-    return jsonify(build_document(_service().schema()))
+    return jsonify(build_document(_service().schema(), root=request.script_root))
 
 
 @api.get("/params")

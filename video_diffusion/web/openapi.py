@@ -34,7 +34,12 @@ def _json(schema_name: str, description: str) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    meanings = {400: "No image, or one that does not decode.", 401: "Missing or wrong API key (when API_KEY is set).",
+    meanings = {400: "No image, or one that does not decode; or not valid HTTP.",
+                401: "Missing or wrong API key (when API_KEY is set).",
+                408: "The request did not arrive whole within REQUEST_TIMEOUT (or paused 15 s).",
+                414: "The request line is over 4094 bytes.",
+                431: "A header field over 8190 bytes, over 100 fields, or over 64 KiB of headers.",
+                501: "A transfer coding the server does not support.",
                 404: "No task with this id (unknown and malformed ids alike).", 409: "The task did not finish, or (POST "
                 "/generate) the Idempotency-Key's first request is still being submitted (Retry-After).",
                 410: "The video was deleted after RESULT_TTL.", 413: "Body over MAX_UPLOAD_MB, or image over "
@@ -42,7 +47,10 @@ def _errors(*codes: int) -> dict[str, Any]:
                 "wrong type or out of range; a webhook outside WEBHOOK_ALLOW; an Idempotency-Key reused for "
                 "another request.", 500: "Generation failed.", 503: "Model not ready, line full, "
                 "shutting down, or Redis unreachable (Retry-After).", 504: "The generation or the synchronous wait "
-                "ran out of time.", 507: "The GPU ran out of memory for this request, or the upload could not be stored."}
+                "ran out of time.", 507: "The GPU ran out of memory for this request, the upload could not be stored, or "
+                "the stored videos are at MAX_STORAGE_MB / the disk below MIN_FREE_DISK_MB (storage_full)."}
+    # What the front answers before any route sees the request, whatever the path.
+    codes = sorted({*codes, 400, 408, 413, 414, 431, 501})
     return {str(code): _json("Error", meanings[code]) for code in codes}
 
 
@@ -59,8 +67,10 @@ _VIDEO = {"description": "The video (format=frames: a ZIP of PNG frames). With `
         ("X-Seed", "The seed used."), ("X-Model", "The model that made it."), ("X-Task-Id", "The task's id."),
         ("X-Cache", "POST /generate: `hit` when answered from an identical earlier request's video, else `miss`."),
         ("Server-Timing", "queue, generate, postprocess and encode durations in ms."))},
-    "content": {**{media: {"schema": {"type": "string", "contentMediaType": media}}
-                   for media in ("video/mp4", "video/webm", "image/gif", "image/webp", "application/zip")},
+    # application/octet-stream first: what code generators read as bytes (the answer's own type is the format's).
+    "content": {**{media: {"schema": {"type": "string", "format": "binary", "contentMediaType": media}}
+                   for media in ("application/octet-stream", "video/mp4", "video/webm", "image/gif", "image/webp",
+                                 "application/zip")},
                 JSON: {"schema": _VIDEO_JSON}}}
 
 
@@ -76,15 +86,17 @@ _TASK_LINKS = {name: {"operationId": operation, "parameters": {"task_id": "$resp
                for name, operation in (("status", "getStatus"), ("results", "getResults"), ("cancel", "cancelTask"))}
 
 
-def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
-    """The document, with the parameter ranges this deployment accepts (MAX_DIMENSION, MAX_STEPS)."""
+def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
+    """The document, with the parameter ranges this deployment accepts (MAX_DIMENSION, MAX_STEPS); `servers` is
+    the path it is served under (`X-Forwarded-Prefix` behind a proxy TRUSTED_PROXIES trusts), relative to the
+    document's own address."""
     fields = {p.name: _param_schema(p) for p in params}
     fields.update(
         webhook={"type": "string", "format": "uri", "description": "An http(s) URL on a host WEBHOOK_ALLOW lists: "
                  "POSTed the task's status JSON when it ends, signed per Standard Webhooks (README)."},
         webhook_events={"type": "string", "enum": ["started", "ended", "started,ended"],
                         "description": "`started` also calls `webhook` when the task starts."})
-    image = {"type": "string", "contentMediaType": "application/octet-stream",
+    image = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
              "description": "PNG, JPEG or WebP, recognised by its bytes."}
     query = [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in fields.items()]
     idempotency_key = {"name": "Idempotency-Key", "in": "header", "required": False,
@@ -95,6 +107,7 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
         "respond-async", "wait"]}, "description": "`respond-async`: answer 202 with a task id; `wait`: the video."}
     return {
         "openapi": "3.1.0",
+        "servers": [{"url": root or "/"}],
         "info": {"title": "video-diffusion", "version": "1.0.0",
                  "description": "One image in, a short video out, with Stable Video Diffusion."},
         "paths": {
@@ -105,8 +118,8 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                     "multipart/form-data": {"schema": {"type": "object", "required": ["image"],
                                                        "properties": {"image": image, **fields},
                                                        "additionalProperties": False}},
-                    **{media: {"schema": {"type": "string", "contentMediaType": media}} for media in
-                       ("image/png", "image/jpeg", "image/webp")}}},
+                    **{media: {"schema": {"type": "string", "format": "binary", "contentMediaType": media}}
+                       for media in ("image/png", "image/jpeg", "image/webp")}}},
                 "operationId": "generate",
                 "responses": {"200": _VIDEO, "202": {**_json("Task", "Accepted: the task, queued."),
                                                      "links": _TASK_LINKS},
@@ -117,26 +130,30 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
                                                    "task as JSON) at every change, until the task ends.", {
                 "200": {"description": "text/event-stream", "content": {"text/event-stream": {
                     "schema": {"type": "string"}}}}, **_errors(401, 404, 503)}),
-            "/params": {"get": {"summary": "The generation parameters, their defaults, ranges and help.",
+            "/params": {"get": {"operationId": "getParams",
+                                "summary": "The generation parameters, their defaults, ranges and help.",
                                 "responses": {"200": {"description": "The parameter schema.", "content": {JSON: {
-                                    "schema": {"type": "object", "properties": {"params": {"type": "array"}}}}}},
-                                    **_errors(401)}}},
+                                    "schema": {"type": "object", "required": ["params", "model", "family"],
+                                               "properties": {"params": {"type": "array", "items": _PARAM},
+                                                              "model": {"type": "string"},
+                                                              "family": {"type": "string"}}}}}},
+                                    **_errors(401, 503)}}},
             "/results/{task_id}": _task_path("getResults", "A task's video once finished.", {
                 "200": _VIDEO, "202": _json("Task", "Not finished yet."), **_errors(401, 404, 409, 410, 503)}),
             "/tasks/{task_id}": _task_path("cancelTask", "Cancel a task.", {
                 "200": _json("Task", "Canceled."), "202": _json("Task", "Running: it stops at its next step."),
                 **_errors(401, 404, 409, 503)}, method="delete"),
-            "/health": {"get": {"summary": "Readiness: 200 once a model (or, with Redis, a worker) is ready.",
+            "/health": {"get": {"operationId": "getHealth", "summary": "Readiness: 200 once a model (or, with Redis, a worker) is ready.",
                                 "responses": {"200": _json("Health", "Ready."),
                                               "503": _json("Health", "Loading, failed, unhealthy, draining, storage full or unusable, or no "
                                                                   "worker.")}}},
-            "/livez": {"get": {"summary": "Liveness: 200 whenever the process answers.",
+            "/livez": {"get": {"operationId": "getLivez", "summary": "Liveness: 200 whenever the process answers.",
                                "responses": {"200": {"description": "Alive.", "content": {JSON: {"schema": {
                                    "type": "object", "properties": {"status": {"const": "alive"}}}}}}}}},
-            "/metrics": {"get": {"summary": "Prometheus metrics.", "responses": {
+            "/metrics": {"get": {"operationId": "getMetrics", "summary": "Prometheus metrics.", "responses": {
                 "200": {"description": "Text exposition format.",
                         "content": {"text/plain": {"schema": {"type": "string"}}}}, **_errors(401)}}},
-            "/openapi.json": {"get": {"summary": "This document.", "responses": {
+            "/openapi.json": {"get": {"operationId": "getOpenapi", "summary": "This document.", "responses": {
                 "200": {"description": "OpenAPI 3.1.", "content": {JSON: {"schema": {"type": "object"}}}},
                 **_errors(401)}}},
         },
@@ -148,6 +165,13 @@ def build_document(params: tuple[Param, ...]) -> dict[str, Any]:
         "security": [{}, {"bearer": []}, {"apiKey": []}],
     }
 
+
+_PARAM = {"type": "object", "required": ["name", "type", "default", "help"], "properties": {
+    "name": {"type": "string"}, "type": {"type": "string", "enum": ["integer", "number", "string"]},
+    "default": {}, "help": {"type": "string"}, "enum": {"type": "array", "items": {}},
+    "minimum": {"type": "number"}, "maximum": {"type": "number"}, "maxLength": {"type": "integer"},
+    "multipleOf": {"type": "integer"}, "step": {"type": "integer"}, "default_text": {"type": "string"},
+    "effective_default": {}}}
 
 _ERROR = {"type": "object", "required": ["error"], "properties": {
     "error": {"type": "object", "required": ["code", "message"], "properties": {
