@@ -170,6 +170,23 @@ def test_errors_gunicorn_answers_itself_are_json(front, raw, status, code):
     assert json.loads(body)["error"]["code"] == code
 
 
+def test_the_fronts_own_answers_are_logged_and_counted(front):
+    """Before: a 413/408/431 the front answered wrote no access-log line and was not in the request counter."""
+    for raw, status in ((b"POST /generate HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n", 413),
+                        (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\n\r\n", 414)):
+        sock = _connect(front)
+        sock.sendall(raw)
+        assert _response(sock)[0] == status
+        sock.close()
+    metrics = requests.get(front.url + "/metrics", timeout=5).text
+    assert 'video_diffusion_http_requests_total{method="POST",route="front",status="413"}' in metrics
+    assert 'route="front",status="414"' in metrics
+    deadline = time.monotonic() + 5
+    while "POST /generate 413" not in front.logs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "POST /generate 413" in front.logs() and "(answered by the front)" in front.logs()
+
+
 def test_made_up_methods_do_not_grow_metrics(front):
     before = len(requests.get(front.url + "/metrics", timeout=5).content)
     per_socket, sockets = 1000, 8  # 8,000 made-up methods: one label set each would add ~800 KB

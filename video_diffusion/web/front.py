@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import re
 import selectors
 import socket
@@ -24,6 +25,7 @@ from functools import partial
 from gunicorn.workers.gthread import TConn, ThreadWorker
 
 from config import load_settings
+from video_diffusion.web.middleware import KNOWN_METHODS
 
 HEADER_LIMIT = 64 * 1024  # bytes of request line and headers (gunicorn's own limits answer 414/431 below it)
 IDLE_LIMIT = 15.0  # seconds a request may go without a byte (REQUEST_TIMEOUT bounds the whole)
@@ -40,6 +42,19 @@ _CODES = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 413: "pa
 _MESSAGES = {400: "the request is not valid HTTP", 414: "the request line is too long",
              431: "the request's header fields are too large", 501: "that transfer coding is not supported",
              403: "forbidden", 417: "expectation failed"}
+
+
+access_log = logging.getLogger("video_diffusion.access")
+_PRINTABLE = re.compile(rb"[^\x21-\x7e]")
+
+
+def _request_line(data: bytes) -> tuple[str, str]:
+    """The method and path of a request's first line, as a log may show them (printable, at most 200 bytes of
+    path; nothing that could forge a log line)."""
+    words = bytes(data[:4096]).split(b"\r\n", 1)[0].split(b" ")
+    method = _PRINTABLE.sub(b"?", words[0][:16]).decode("ascii") if words and words[0] else "-"
+    path = _PRINTABLE.sub(b"?", words[1].split(b"?", 1)[0][:200]).decode("ascii") if len(words) > 1 else "-"
+    return method, path
 
 
 def json_error(status: int, reason: str, message: str, retry_after: int | None = None) -> bytes:
@@ -111,6 +126,7 @@ class FrontWorker(ThreadWorker):
         self.buffer_budget = max(4 * self.body_limit, 64 * 1024 * 1024)
         self.buffered = 0
         self.incoming: dict[object, _Incoming] = {}
+        self.heads: dict[object, bytes] = {}  # socket -> the start of the request a pool thread is handling
         self.lingering: dict[socket.socket, list] = {}  # socket -> [deadline, bytes read]
         self.probe_pool = futures.ThreadPoolExecutor(max_workers=PROBE_THREADS, thread_name_prefix="probe")
         super().init_process()
@@ -226,11 +242,28 @@ class FrontWorker(ThreadWorker):
         future = pool.submit(self.handle, conn)
         future.add_done_callback(lambda fut: self.method_queue.defer(self.finish_request, conn, fut))
 
+    def _account(self, data: bytes, status: int, started: float, client) -> None:
+        """One access-log line and one count for a request the front answered itself, as the app does for its
+        own (route `front`: no route saw it)."""
+        method, path = _request_line(data)
+        duration_ms = (time.monotonic() - started) * 1000
+        try:
+            telemetry = self.wsgi.extensions["video_diffusion"].telemetry
+            telemetry.http.labels(method if method in KNOWN_METHODS else "other", "front", str(status)).inc()
+        except (AttributeError, KeyError):  # before the app exists
+            pass
+        access_log.info("%s %s %s %.1f ms client=%s task=- (answered by the front)", method, path, status,
+                        duration_ms, client[0] if client else "?",
+                        extra={"method": method, "path": path, "status": status, "duration_ms": round(duration_ms, 1)})
+
     def _drop(self, conn, response: bytes | None = None) -> None:
         """Close a connection whose request never became whole (answering it first, if there is an answer)."""
         incoming = self.incoming.pop(conn, None)
         if incoming is not None:
             self.buffered -= len(incoming.data)
+            if response:
+                status = response.split(b" ", 2)[1]
+                self._account(incoming.data, int(status) if status.isdigit() else 0, incoming.started, conn.client)
         self._unregister(conn)
         if response:
             try:
@@ -306,6 +339,7 @@ class FrontWorker(ThreadWorker):
     def handle(self, conn):
         data = getattr(conn, "prebuffered", None)
         if data is not None:
+            self.heads[conn.sock] = data[:4096]  # for handle_error's access-log line; gone once handled
             conn.prebuffered = None
             conn.data_ready = True
             conn.sock.setblocking(True)
@@ -314,7 +348,10 @@ class FrontWorker(ThreadWorker):
             timeout = struct.pack("ll", SEND_TIMEOUT, 0)  # a client that stops reading frees the thread
             for option in (socket.SO_SNDTIMEO, socket.SO_RCVTIMEO):
                 conn.sock.setsockopt(socket.SOL_SOCKET, option, timeout)
-        return super().handle(conn)
+        try:
+            return super().handle(conn)
+        finally:
+            self.heads.pop(conn.sock, None)
 
     def handle_error(self, req, client, addr, exc):
         """gunicorn's own classification and log line, with the service's JSON body instead of its HTML."""
@@ -324,6 +361,7 @@ class FrontWorker(ThreadWorker):
         status = int(status_line[1]) if len(status_line) > 1 and status_line[1].isdigit() else 500
         reason = status_line[2] if len(status_line) > 2 else "Error"
         message = _MESSAGES.get(status, "internal error; the server log has the details")
+        self._account(self.heads.get(client, b""), status, time.monotonic(), addr if isinstance(addr, tuple) else None)
         try:
             client.setblocking(False)
             client.send(json_error(status, reason, message))
