@@ -49,6 +49,18 @@ def _int(low: int, high: int | None = None, optional: bool = False) -> Callable[
     return parse
 
 
+def _public_url(value: str) -> str | None:
+    """An absolute http(s) URL with a host and no query, kept without its trailing slash; empty: unset."""
+    from urllib.parse import urlsplit
+
+    if not value:
+        return None
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ValueError("must be an absolute http(s) URL such as https://videos.example.com/vd")
+    return value.rstrip("/")
+
+
 def _list(value: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in value.split(",") if item.strip())
 
@@ -195,6 +207,10 @@ class Settings:
     metrics_public: bool = _setting(False, _bool, "Serve `/metrics` without the API key.")
     cors_origins: tuple[str, ...] | None = _setting(None, _list,
         "Comma-separated origins allowed to call the API from a browser (`*` for any); unset: none.")
+    public_url: str | None = _setting(None, _public_url,
+        "The service's absolute address as clients reach it (e.g. `https://videos.example.com/vd` behind a proxy "
+        "on a sub-path): the base of the `status_url` and `result_url` in webhook bodies. Unset: they are paths "
+        "under the prefix the submitting request came through.")
     trusted_proxies: int = _setting(0, _int(0, 10),
         "Reverse proxies in front: trust that many hops of `X-Forwarded-*` (0: ignore them).")
     log_level: str = _setting("info", _choice("debug", "info", "warning", "error"), "Log verbosity.")

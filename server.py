@@ -261,7 +261,9 @@ def _webhook(service: Service, raw: dict[str, str]) -> dict | None:
             raise errors.InvalidParameter("`webhook_events` needs `webhook`", field="webhook_events")
         return None
     check_url(url, service.webhook_allow)
-    return {"url": url, "events": parse_events(events)}
+    # Where the body's status_url and result_url point: PUBLIC_URL, else the path prefix this request came under.
+    root = service.settings.public_url or request.script_root
+    return {"url": url, "events": parse_events(events), **({"root": root} if root else {})}
 
 
 @api.get("/status/<path:task_id>")

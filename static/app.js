@@ -45,9 +45,9 @@ async function errorOf(response) {
 // --- start-up and the API key ---------------------------------------------------------------------------
 
 async function start() {
-  const health = await fetch("/health").then((r) => r.json()).catch(() => ({}));
+  const health = await fetch("health").then((r) => r.json()).catch(() => ({}));
   $("#noise-banner").hidden = !health.noise;
-  const response = await api("/params");
+  const response = await api("params");
   if (response.status === 401) { needsKey = true; askForKey(); return; }
   if (!response.ok) { $("#form-error").textContent = (await errorOf(response)).message; return; }
   schema = (await response.json()).params;
@@ -67,7 +67,7 @@ function askForKey(message = "") {
 $("#key-form").addEventListener("submit", async (event) => {
   event.preventDefault();
   sessionStorage.setItem(KEY_KEY, $("#api-key").value.trim());
-  const response = await api("/params");
+  const response = await api("params");
   if (response.status === 401) { askForKey("That key was not accepted."); return; }
   start();
 });
@@ -262,7 +262,7 @@ $("#generate-form").addEventListener("submit", async (event) => {
   for (const [name, value] of Object.entries(values)) form.append(name, value);
   running(true);
   try {
-    const response = await api("/generate", { method: "POST", body: form, headers: { Prefer: "respond-async" } });
+    const response = await api("generate", { method: "POST", body: form, headers: { Prefer: "respond-async" } });
     if (response.status === 401) { running(false); askForKey("The key was not accepted."); return; }
     if (!response.ok) { running(false); showError(await errorOf(response)); return; }
     const task = await response.json();
@@ -277,7 +277,7 @@ $("#generate-form").addEventListener("submit", async (event) => {
 
 async function cancel() {
   if (!current || $("#cancel").hidden) return;
-  const response = await api(`/tasks/${current.taskId}`, { method: "DELETE" });
+  const response = await api(`tasks/${current.taskId}`, { method: "DELETE" });
   if (!response.ok && response.status !== 409) $("#form-error").textContent = (await errorOf(response)).message;
   $("#progress-text").textContent = "Canceling…";
 }
@@ -315,7 +315,7 @@ async function follow(taskId) {
 }
 
 async function followEvents(mine) {
-  const response = await api(`/status/${mine.taskId}/events`, { signal: mine.controller.signal });
+  const response = await api(`status/${mine.taskId}/events`, { signal: mine.controller.signal });
   if (!response.ok || !response.body) throw new Error(`events: ${response.status}`);
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
   let buffer = "";
@@ -336,7 +336,7 @@ async function followEvents(mine) {
 
 async function followByPolling(mine) {
   while (!mine.controller.signal.aborted) {
-    const response = await api(`/status/${mine.taskId}`);
+    const response = await api(`status/${mine.taskId}`);
     if (!response.ok) { showError(await errorOf(response)); running(false); return; }
     if (update(mine, await response.json())) return;
     await new Promise((resolve) => setTimeout(resolve, 1000));

@@ -7,6 +7,7 @@ import json
 import logging
 import time
 
+import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
@@ -214,3 +215,37 @@ def test_sync_timeout_answers_504_with_the_task_id_and_the_task_goes_on(make_app
     final = poll(client, body["task_id"], ended, timeout=60)
     assert final["status"] == "finished"
     assert client.get(body["result_url"]).status_code == 200
+
+
+def test_under_a_path_prefix_every_url_the_service_emits_stays_under_it(make_app):
+    """Behind `location /vd/` with X-Forwarded-Prefix: before, the page loaded /static/app.js and called /params
+    and /generate by absolute path (404 under /vd/), and openapi.json had no `servers`."""
+    import re
+    from urllib.parse import urljoin
+
+    client = make_app(TRUSTED_PROXIES="1").test_client()
+    proxied = {"X-Forwarded-Prefix": "/vd", "X-Forwarded-Host": "videos.example.com", "X-Forwarded-Proto": "https"}
+    page = client.get("/", headers=proxied).get_data(as_text=True)
+    script = client.get("/static/app.js").get_data(as_text=True)
+    base = "https://videos.example.com/vd/"
+    urls = re.findall(r'(?:href|src)="([^"]+)"', page)
+    urls += re.findall(r'(?:api|fetch)\((?:"|`)([^"`$]+)', script)
+    assert urls and all(urljoin(base, u).startswith(base) for u in urls), urls
+    for url in urls:  # what the proxy forwards, with the prefix stripped, is served (ids filled in at run time)
+        path = "/" + urljoin(base, url)[len(base):]
+        if not path.endswith("/"):
+            assert client.get(path).status_code in (200, 405), path  # 405: POST /generate
+    accepted = client.post("/generate", data=upload(image_bytes(), **SMALL),
+                           headers={**proxied, "Prefer": "respond-async"})
+    assert accepted.headers["Location"].startswith("/vd/status/") and accepted.json["status_url"].startswith("/vd/")
+    assert client.get("/openapi.json", headers=proxied).json["servers"] == [{"url": "/vd"}]
+
+
+def test_public_url_must_be_an_absolute_http_url():
+    from config import ConfigError, load_settings
+
+    assert load_settings({"PUBLIC_URL": "https://videos.example.com/vd/"}, dotenv_path=None).public_url == \
+        "https://videos.example.com/vd"
+    for bad in ("videos.example.com/vd", "ftp://x/vd", "https:///vd", "https://x/vd?a=1"):
+        with pytest.raises(ConfigError, match="^PUBLIC_URL=.*must be an absolute http\\(s\\) URL"):
+            load_settings({"PUBLIC_URL": bad}, dotenv_path=None)

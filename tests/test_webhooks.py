@@ -520,3 +520,18 @@ def test_the_redis_outbox_claims_one_per_destination_and_trims_its_oldest(redis_
     assert [d.id for d in outbox.claim(now, 4, busy - {"http://127.0.0.1:9"})] == ["msg_a1_ended"]
     assert outbox.trim(3) == 1 and outbox.pending() == 3  # the oldest due one (a2) went; leased ones stay
     assert outbox.redis.get("vd:webhook:msg_a2_ended") is None
+
+
+def test_webhook_bodies_point_under_the_prefix_or_public_url(make_app, receivers):
+    """Before: a webhook's body carried /status/<id> without the prefix the client submitted under."""
+    receiver = receivers()
+    allow = f"127.0.0.1:{receiver.port}"
+    prefixed = make_app(WEBHOOK_ALLOW=allow, TRUSTED_PROXIES="1").test_client()
+    response = prefixed.post("/generate", data=upload(image_bytes(), **SMALL, webhook=receiver.url),
+                             headers={**ASYNC, "X-Forwarded-Prefix": "/vd"})
+    finished(prefixed, response.json["task_id"])
+    public = make_app(WEBHOOK_ALLOW=allow, PUBLIC_URL="https://videos.example.com/vd").test_client()
+    finished(public, submit(public, receiver.url))
+    first, second = (json.loads(r["body"]) for r in receiver.wait_for(2))
+    assert first["status_url"].startswith("/vd/status/") and first["result_url"].startswith("/vd/results/")
+    assert second["status_url"].startswith("https://videos.example.com/vd/status/")

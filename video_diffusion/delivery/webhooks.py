@@ -185,7 +185,7 @@ def delivery_for(task, now: float) -> Delivery | None:
         event = "started"
     else:
         return None
-    body = json.dumps(status_document(task, queue_position=None))
+    body = json.dumps(status_document(task, queue_position=None, root=webhook.get("root", "")))
     return Delivery(id=f"msg_{task.task_id}_{event}", task_id=task.task_id, event=event, url=webhook["url"],
                     body=body, next_at=now)
 
