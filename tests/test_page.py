@@ -216,7 +216,7 @@ def test_the_first_screen_at_1280_by_800(browser, gunicorn_server):
     page.fill("#param-motion_bucket_id", "200")
     assert page.input_value("#slider-motion_bucket_id") == "200"
     assert page.get_attribute("#api-link", "href") == "openapi.json"  # relative: right under a path prefix too
-    for path in ("/favicon.ico", page.get_attribute('link[rel="icon"]', "href")):
+    for path in ("/favicon.ico", "/" + page.get_attribute('link[rel="icon"]', "href")):
         assert page.request.get(gunicorn_server.url + path).status == 200
     OUTPUT.mkdir(exist_ok=True)
     page.click("#advanced summary")
