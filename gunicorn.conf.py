@@ -103,6 +103,9 @@ def post_worker_init(worker):
         if not draining.is_set():
             drain_then_stop(signum, frame)
             return
+        # Stopping now: a further SIGINT (the terminal's and the master's forward of the same Ctrl-C) must not
+        # re-enter this handler half-way through writing the running task down.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         try:
             worker.wsgi.extensions["video_diffusion"].interrupt()
         finally:

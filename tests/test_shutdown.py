@@ -25,7 +25,7 @@ def test_sigterm_drains_finishes_the_running_task_and_keeps_the_queue(tmp_path, 
     server = Gunicorn(tmp_path, env)
     try:
         server.wait_ready()
-        running = post(server, "respond-async", **dict(SMALL, num_inference_steps=100)).json()["task_id"]
+        running = post(server, "respond-async", **dict(SMALL, num_inference_steps=40)).json()["task_id"]
         queued = post(server, "respond-async", **SMALL).json()["task_id"]
         with ThreadPoolExecutor(1) as pool:
             waiting_sync = pool.submit(post, server, "wait", **SMALL)
@@ -47,7 +47,7 @@ def test_sigterm_drains_finishes_the_running_task_and_keeps_the_queue(tmp_path, 
         server.stop()
 
     record = json.loads((server.output / running / "task.json").read_text())
-    assert record["status"] == "finished" and record["step"] == 100
+    assert record["status"] == "finished" and record["step"] == 40
     assert json.loads((server.output / queued / "task.json").read_text())["status"] == "queued"
 
     restarted = Gunicorn(tmp_path, env)
