@@ -69,8 +69,9 @@ class Service:
         if served is not None:
             return served
         if self.settings.redis and self.settings.svd_model:  # a folder or repo only the workers can read
-            raise errors.ModelNotReady("no worker has reported the model it serves yet, and this API cannot read the "
-                                "folder or repo MODEL names; try again when a worker is ready", retry_after=10)
+            raise errors.ModelNotReady("no worker has reported the model it serves yet, and this API cannot read "
+                                       "the folder or repo MODEL names; try again when a worker is ready",
+                                       retry_after=10)
         return SVD_XT
 
     def model_identity(self, model: ModelInfo) -> str:
