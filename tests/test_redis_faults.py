@@ -49,24 +49,34 @@ def _beat(store: RedisStore, worker: str, task_id: str | None, rq_worker: str | 
                                                        "rq_worker": rq_worker}), ex=30)
 
 
-def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, tiny_model_dir):
-    server = RedisServer(tmp_path, persist=True)
+def _a_running_task_outlives(tmp_path, tiny_model_dir, server: RedisServer, fault, steps: int,
+                             timeout: float) -> None:
+    """A worker and the API on `server`; `fault(server)` while a task of `steps` steps runs; the task must still
+    finish and its video be served."""
     server.start()
-    (worker,) = start_worker_processes(tmp_path, tiny_model_dir, server.url)
-    app, client = make_api(tmp_path, server.url)
+    (worker,) = start_worker_processes(tmp_path, tiny_model_dir, server.url, WORKER_TTL="3")
+    app, client = make_api(tmp_path, server.url)  # WORKER_TTL=3 too
     try:
-        task_id = submit(client, **dict(SMALL, num_inference_steps=40)).json["task_id"]
+        task_id = submit(client, **dict(SMALL, num_inference_steps=steps)).json["task_id"]
         poll(client, task_id, lambda body: running(body) and body["progress"]["step"] >= 2, timeout=60)
-        server.stop()  # its data is on disk (appendfsync always)
-        time.sleep(1.5)
-        server.start()
-        final = poll(client, task_id, ended, timeout=90)
+        fault(server)
+        final = poll(client, task_id, ended, timeout=timeout)
         assert final["status"] == "finished", final
         assert client.get(f"/results/{task_id}").status_code == 200
     finally:
         app.extensions["video_diffusion"].backend.stop()
         worker.stop()
         server.stop()
+
+
+def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, tiny_model_dir):
+    def restart(server):
+        server.stop()  # its data is on disk (appendfsync always)
+        time.sleep(1.5)
+        server.start()
+
+    _a_running_task_outlives(tmp_path, tiny_model_dir, RedisServer(tmp_path, persist=True), restart, steps=40,
+                             timeout=90)
 
 
 def test_redis_paused_longer_than_worker_ttl_fails_no_live_workers_task(tmp_path, tiny_model_dir):
@@ -74,25 +84,14 @@ def test_redis_paused_longer_than_worker_ttl_fails_no_live_workers_task(tmp_path
     Redis came back, and the worker, alive all along, finished the video and threw it away."""
     import signal
 
-    server = RedisServer(tmp_path)
-    server.start()
-    (worker,) = start_worker_processes(tmp_path, tiny_model_dir, server.url, WORKER_TTL="3")
-    app, client = make_api(tmp_path, server.url)  # WORKER_TTL=3 too
-    try:
-        task_id = submit(client, **dict(SMALL, num_inference_steps=60)).json["task_id"]
-        poll(client, task_id, lambda body: running(body) and body["progress"]["step"] >= 2, timeout=60)
+    def pause(server):
         server.process.send_signal(signal.SIGSTOP)
         try:
             time.sleep(6.5)  # over twice WORKER_TTL: every heartbeat key is past its expiry when Redis wakes
         finally:
             server.process.send_signal(signal.SIGCONT)
-        final = poll(client, task_id, ended, timeout=120)
-        assert final["status"] == "finished", final
-        assert client.get(f"/results/{task_id}").status_code == 200
-    finally:
-        app.extensions["video_diffusion"].backend.stop()
-        worker.stop()
-        server.stop()
+
+    _a_running_task_outlives(tmp_path, tiny_model_dir, RedisServer(tmp_path), pause, steps=60, timeout=120)
 
 
 def test_a_worker_restarted_under_the_same_name_fails_its_old_task(api):

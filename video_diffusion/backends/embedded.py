@@ -107,18 +107,21 @@ class EmbeddedBackend:
         """
         with self._cond:
             self._draining = True
-            for task_id in [t for t in self._queue if self._live[t].mode == "sync"]:
-                self._end(self._live[task_id], TaskStatus.CANCELED, failure(errors.ShuttingDown))
+            for task in self._waiting_sync():
+                self._end(task, TaskStatus.CANCELED, failure(errors.ShuttingDown))
             self._cond.wait_for(lambda: self._running is None or not self.supervisor.alive("runner"), timeout)
 
     def interrupt(self) -> None:
         """Stop now (a second Ctrl-C, the process exits next): the running task and the synchronous ones waiting
         end `interrupted`, written down; queued async tasks stay for the next start."""
         with self._cond:
-            ending = [t for t in (self._running, *(self._live[i] for i in self._queue if self._live[i].mode == "sync"))
-                      if t is not None]
+            ending = [t for t in (self._running, *self._waiting_sync()) if t is not None]
         for task in ending:
             self._end(task, TaskStatus.FAILED, failure(errors.Interrupted))
+
+    def _waiting_sync(self) -> list[Task]:
+        """The queued tasks a synchronous client waits for (the caller holds the lock)."""
+        return [self._live[t] for t in self._queue if self._live[t].mode == "sync"]
 
     def _recover(self) -> None:
         """After a restart: queued async tasks run again; a task that was running ends `interrupted`.

@@ -252,12 +252,9 @@ class RedisStore:
         """Fail the tasks nobody will ever finish: running on a worker that is gone (or has moved on to another
         task), or queued with their RQ job gone. Both the API and every worker call it; none while `may_judge`
         says a worker's silence may be Redis's."""
-        started = self.redis.smembers("vd:started")
-        if self.may_judge():
-            self._reap(started)
-
-    def _reap(self, started: set[bytes]) -> None:
-        for raw_id in started:
+        if not self.may_judge():
+            return
+        for raw_id in self.redis.smembers("vd:started"):
             task = self.load(raw_id.decode())
             if task is None or task.status is not TaskStatus.STARTED:
                 self.redis.srem("vd:started", raw_id)
