@@ -25,18 +25,23 @@ $(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
 run: $(VENV)/.installed
 	MALLOC_ARENA_MAX=$${MALLOC_ARENA_MAX:-2} $(VENV)/bin/gunicorn --config gunicorn.conf.py
 
-# Redis (async tests), Chromium (web page tests), curl and docker-compose (validates the compose file)
-# come from Debian's packages.
+# Redis (async tests), Chromium (web page tests), nginx (the proxy tests), prometheus (promtool lints /metrics),
+# curl and docker-compose (validates the compose file) come from Debian's packages.
 system-deps:
-	@missing=""; \
+	@missing=""; lean=""; \
 	command -v redis-server >/dev/null || missing="$$missing redis-server"; \
 	[ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	command -v curl >/dev/null || missing="$$missing curl"; \
 	command -v docker-compose >/dev/null || missing="$$missing docker-compose"; \
-	if [ -n "$$missing" ]; then \
-		echo "installing Debian packages:$$missing"; \
+	command -v nginx >/dev/null || [ -x /usr/sbin/nginx ] || lean="$$lean nginx"; \
+	command -v promtool >/dev/null || lean="$$lean prometheus"; \
+	if [ -n "$$missing$$lean" ]; then \
+		echo "installing Debian packages:$$missing$$lean"; \
 		SUDO=""; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-		$$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing >/dev/null; \
+		$$SUDO apt-get update -qq || exit 1; \
+		APT="$$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq"; \
+		[ -z "$$missing" ] || $$APT $$missing >/dev/null || exit 1; \
+		[ -z "$$lean" ] || $$APT --no-install-recommends $$lean >/dev/null || exit 1; \
 	fi
 
 test: $(VENV)/.test-installed system-deps
@@ -60,7 +65,8 @@ soak: $(VENV)/.test-installed system-deps
 lint: $(VENV)/.test-installed
 	$(VENV)/bin/hadolint Dockerfile
 
-# README's tables and .env.example are generated from the schemas in params.py and config.py.
+# The tables in docs/api.md and docs/configuration.md and .env.example are generated from the schemas in
+# params.py and config.py.
 docs: $(VENV)/.installed
 	$(PY) scripts/gen_docs.py
 

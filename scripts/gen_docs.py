@@ -1,4 +1,5 @@
-"""Rewrite README's parameter and variable tables and .env.example from the schemas (`make docs`)."""
+"""Rewrite the parameter and variable tables (docs/api.md, docs/configuration.md: wherever their markers are) and
+.env.example from the schemas (`make docs`)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,11 @@ def env_example() -> str:
     return "\n".join(lines)
 
 
+def documents() -> list[Path]:
+    """README and every page under docs/: the files whose generated tables `make docs` keeps."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
 def readme(text: str) -> str:
     for name, table in (("params", params.params_markdown()), ("variables", config.variables_markdown())):
         text = re.sub(rf"(<!-- {name} -->\n).*?(\n<!-- /{name} -->)", lambda m: m.group(1) + table + m.group(2),
@@ -31,4 +37,5 @@ def readme(text: str) -> str:
 
 if __name__ == "__main__":
     (ROOT / ".env.example").write_text(env_example())
-    (ROOT / "README.md").write_text(readme((ROOT / "README.md").read_text()))
+    for path in documents():
+        path.write_text(readme(path.read_text()))

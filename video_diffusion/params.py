@@ -1,4 +1,4 @@
-"""The one schema of generation parameters: validation, README's table and the API docs derive from it.
+"""The one schema of generation parameters: validation, docs/api.md's table and the OpenAPI document derive from it.
 
 Every parameter is declared once here; one that only some model families take names them (`families`), and a
 deployment's schema is the served model's share of it, narrowed by the model's limits and the settings
@@ -33,7 +33,7 @@ class Param:
     maximum: float | None = None
     choices: tuple[str, ...] = ()
     multiple_of: int | None = None
-    default_text: str | None = None  # how README shows a default that is decided later
+    default_text: str | None = None  # how docs/api.md shows a default that is decided later
     remainder: int = 0  # with multiple_of: value % multiple_of == remainder (1: Wan's 4k+1 frames)
     max_length: int | None = None  # text without choices: at most this many characters
     families: tuple[str, ...] = ()  # the families whose models take it; empty: every family
@@ -297,7 +297,7 @@ def schema(params: tuple[Param, ...] = PARAMS) -> list[dict[str, Any]]:
 
 
 def params_markdown() -> str:
-    """README's table of generation parameters."""
+    """The table of generation parameters (docs/api.md)."""
     rows = ["| Parameter | Models | Default | Allowed | Description |", "|---|---|---|---|---|"]
     for p in PARAMS:
         default = p.default_text or f"`{p.default}`"

@@ -47,7 +47,7 @@ def output_frames(num_frames: int, segments: int, loop: str, fps: int, output_fp
 class Clip:
     """A clip's frames by index over the arrays they come from, copying none: segments side by side, a ping-pong's
     way back as indices, a crossfade's dissolved frames the only new arrays. What the post-steps pass along, so
-    that their memory is the generated frames plus what they really make (MAX_OUTPUT_MB, README)."""
+    that their memory is the generated frames plus what they really make (MAX_OUTPUT_MB, docs/operations.md)."""
 
     def __init__(self, parts, index: list[tuple[int, int]] | None = None, made: dict[int, np.ndarray] | None = None):
         self._parts = [parts] if isinstance(parts, np.ndarray) else list(parts)
