@@ -179,6 +179,10 @@ function showPreview(file) {
   preview.src = URL.createObjectURL(file);
   preview.hidden = false;
   $("#drop-help").textContent = `${file.name} — drop or press Enter to change it`;
+  // A new image answers whatever was said about the last attempt's image ("no image", "not an image")
+  $("#form-error").textContent = "";
+  const slot = document.querySelector('[data-error-for="image"]');
+  if (slot) slot.textContent = "";
 }
 
 function useFile(file) {

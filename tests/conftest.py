@@ -57,6 +57,14 @@ def generator(tiny_model_dir):
     return load_generator(load_settings({"SVD_MODEL": str(tiny_model_dir)}, dotenv_path=None))
 
 
+def promtool_problems(exposition: str) -> str:
+    """What Prometheus's own linter (`promtool check metrics`, Debian's prometheus package) says of a `/metrics`
+    answer: "" when it is clean."""
+    result = subprocess.run(["promtool", "check", "metrics"], input=exposition, capture_output=True, text=True,
+                            timeout=30, check=False)
+    return "" if result.returncode == 0 else (result.stdout + result.stderr or f"exit {result.returncode}")
+
+
 class SteppedClock(Clock):
     """The lifecycle's clock, moved forward by the test instead of sleeping (records, expiry, TTLs, reaping)."""
 

@@ -226,7 +226,7 @@ def test_curl_reads_the_progress_events(gunicorn_server):
 def post_async(server, **params) -> str:
     response = requests.post(server.url + "/generate", files={"image": ("i.png", image_bytes(), "image/png")},
                              data=params, headers={"Prefer": "respond-async"}, timeout=30)
-    assert response.status_code == 202
+    assert response.status_code == 202 and response.reason == "Accepted"  # RFC 9110's phrase, not "ACCEPTED"
     return response.json()["task_id"]
 
 

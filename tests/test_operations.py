@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import logging
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from conftest import SMALL, image_bytes, upload
+from conftest import SMALL, image_bytes, promtool_problems, upload
 from pipeline import VideoGenerator
 from test_async import LONG, ended, poll, running, submit
 
@@ -38,6 +39,8 @@ def test_metrics_count_tasks_time_them_and_report_live_state(client):
     assert metric(client, "video_diffusion_model_ready") == 1
     assert metric(client, "video_diffusion_queue_depth") == 0
     assert metric(client, 'video_diffusion_http_requests_total{method="POST",route="/generate",status="200"}') == 1
+    assert promtool_problems(response.get_data(as_text=True)) == ""
+    assert not re.search(r"^\w+_created[{ ]", response.get_data(as_text=True), re.M)  # off: twice the series
     assert metric(client, 'video_diffusion_http_requests_total{method="POST",route="/generate",status="422"}') == 1
 
 

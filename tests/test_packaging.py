@@ -95,7 +95,7 @@ def test_compose_passes_the_hub_token_and_the_workers_metrics_port():
     for name in ("worker", "video-diffusion"):
         assert services[name]["environment"]["HF_TOKEN"] == "hf_test"
     assert services["worker"]["environment"]["WORKER_METRICS_PORT"] == "9200"
-    assert "9200/metrics" in " ".join(services["worker"]["healthcheck"]["test"])
+    assert "9200/livez" in " ".join(services["worker"]["healthcheck"]["test"])
 
 
 def test_the_seed_readmes_requirements_path_installs_the_same_pins():

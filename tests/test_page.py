@@ -142,9 +142,11 @@ def test_the_dice_button_draws_a_seed(page):
     assert 0 <= int(page.input_value("#param-seed")) < 2**32
 
 
-def test_a_missing_image_is_reported_by_the_image(page):
+def test_a_missing_image_is_reported_by_the_image_until_one_is_chosen(page, picture):
     page.click("#generate")
     expect(page.locator('[data-error-for="image"]')).to_contain_text("no image")
+    page.set_input_files("#image", str(picture))
+    expect(page.locator('[data-error-for="image"]')).to_have_text("")  # no stale red line under a good image
 
 
 def test_cancel(page, picture):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import base64
 import io
+import json
+import re
 import os
 import signal
 import subprocess
@@ -12,9 +14,10 @@ import time
 import zipfile
 
 import pytest
+import redis
 import requests
 
-from conftest import (ROOT, SMALL, RedisServer, SteppedClock, decode_video, image_bytes, settings_for,
+from conftest import (ROOT, SMALL, RedisServer, SteppedClock, decode_video, image_bytes, promtool_problems, settings_for,
                       start_worker_processes, upload)
 from server import create_app
 from test_async import LONG, ended, poll, running, submit
@@ -82,6 +85,7 @@ def test_health_needs_a_ready_worker(api, lonely_api):
 def test_async_flow_through_a_worker(api, shared):
     worker = shared[1]
     completed_before = _completed(worker)
+    cluster_before = api.get("/metrics").get_data(as_text=True)
     response = submit(api, **dict(SMALL, num_inference_steps=12, seed=5))
     assert response.status_code == 202
     task_id = response.json["task_id"]
@@ -99,15 +103,73 @@ def test_async_flow_through_a_worker(api, shared):
     assert "video_diffusion_workers_live 1.0" in api_metrics and "video_diffusion_queue_depth 0.0" in api_metrics
     assert 'video_diffusion_tasks_created_total{mode="async"} 1.0' in api_metrics
     assert _completed(worker) == completed_before + 1
+    # The API loads no model, runs nothing, and still reports the work its workers did (kept in Redis).
+    for series in ("video_diffusion_tasks_completed_total", "video_diffusion_generation_seconds_count",
+                   "video_diffusion_queue_wait_seconds_count", 'video_diffusion_encoding_seconds_bucket{le="+Inf"}'):
+        assert sample(api_metrics, series) == sample(cluster_before, series) + 1, series
+    assert sample(api_metrics, "video_diffusion_generation_seconds_sum") > sample(cluster_before,
+                                                                                  "video_diffusion_generation_seconds_sum")
     worker_metrics = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
+    assert promtool_problems(api_metrics) == "" and promtool_problems(worker_metrics) == ""
+    assert not re.search(r"^\w+_created[{ ]", api_metrics + worker_metrics, re.M)
     assert "video_diffusion_model_ready 1.0" in worker_metrics
     assert "video_diffusion_generation_seconds_count" in worker_metrics
 
 
 def _completed(worker) -> float:
     text = requests.get(f"http://127.0.0.1:{worker.metrics_port}/metrics", timeout=5).text
-    return float(next(line.split()[1] for line in text.splitlines()
-                      if line.startswith("video_diffusion_tasks_completed_total ")))
+    return sample(text, "video_diffusion_tasks_completed_total")
+
+
+def sample(text: str, series: str) -> float:
+    """The value of one series (name and labels as written) in a Prometheus text exposition; 0 if absent."""
+    return next((float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(series + " ")), 0.0)
+
+
+def test_the_heartbeat_names_the_workers_metrics_port(shared):
+    server, worker = shared
+    beat = json.loads(worker.find_heartbeat(redis.Redis.from_url(server.url)))
+    assert beat["metrics_port"] == worker.metrics_port
+
+
+def test_a_workers_metrics_server_binds_host_takes_the_key_and_answers_head(tmp_path):
+    """The server `worker.py` runs, with real sockets: HOST, the API key, HEAD, JSON errors, a taken port."""
+    import threading
+
+    from prometheus_client import CollectorRegistry, Counter
+
+    from video_diffusion.web import worker_metrics
+
+    registry = CollectorRegistry()
+    Counter("probe", "A test counter.", registry=registry).inc()
+    settings = settings_for(tmp_path, HOST="127.0.0.1", WORKER_METRICS_PORT="0", API_KEY="k1,k2")
+    first = worker_metrics.serve(settings, registry)
+    # The port it got, taken: a second worker asking for it is given another.
+    second = worker_metrics.serve(settings_for(tmp_path, HOST="127.0.0.1", WORKER_METRICS_PORT=str(first.server_port),
+                                               METRICS_PUBLIC="true"), registry)
+    servers = [first, second]
+    for server in servers:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        assert first.server_address[0] == "127.0.0.1" and second.server_port not in (0, first.server_port)
+        url = f"http://127.0.0.1:{first.server_port}"
+        refused = requests.get(url + "/metrics", timeout=5)
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "unauthorized"
+        assert refused.headers["WWW-Authenticate"].startswith("Bearer")
+        shown = requests.get(url + "/metrics", headers={"Authorization": "Bearer k2"}, timeout=5)
+        assert shown.status_code == 200 and "probe_total 1.0" in shown.text and "probe_created" not in shown.text
+        head = requests.head(url + "/metrics", headers={"X-API-Key": "k1"}, timeout=5)
+        assert head.status_code == 200 and head.content == b"" and head.headers["Content-Type"].startswith("text/plain")
+        wrong = requests.post(url + "/metrics", headers={"X-API-Key": "k1"}, timeout=5)
+        assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+        assert requests.get(url + "/nothing", timeout=5).json()["error"]["code"] == "not_found"
+        assert requests.get(url + "/livez", timeout=5).json() == {"status": "ok"}  # for the compose healthcheck
+        public = requests.get(f"http://127.0.0.1:{second.server_port}/metrics", timeout=5)
+        assert public.status_code == 200 and "probe_total 1.0" in public.text  # METRICS_PUBLIC
+    finally:
+        for server in servers:
+            server.shutdown()
+            server.server_close()
 
 
 def test_sync_call_waits_for_the_worker_and_returns_the_video(api, lonely_api):
@@ -121,6 +183,7 @@ def test_sync_call_waits_for_the_worker_and_returns_the_video(api, lonely_api):
 def test_cancel_queued_and_running_and_expiry(tmp_path, shared):
     clock = SteppedClock()
     app, client = make_api(tmp_path, shared[0].url, RESULT_TTL="2", clock=clock)
+    canceled_before = sample(client.get("/metrics").get_data(as_text=True), "video_diffusion_tasks_canceled_total")
     first = submit(client, **LONG).json["task_id"]
     poll(client, first, running)
     second = submit(client, **SMALL).json["task_id"]
@@ -130,6 +193,9 @@ def test_cancel_queued_and_running_and_expiry(tmp_path, shared):
     final = poll(client, first, ended)
     assert final["status"] == "canceled" and final["progress"]["step"] < 100
     assert client.get(f"/status/{second}").json["started_at"] is None
+    # One canceled by the API while queued, one by its worker while running: both in the cluster's count.
+    canceled = sample(client.get("/metrics").get_data(as_text=True), "video_diffusion_tasks_canceled_total")
+    assert canceled == canceled_before + 2
 
     done = submit(client, prefer="wait", **SMALL).headers["X-Task-Id"]
     assert client.get(f"/results/{done}").status_code == 200
@@ -139,9 +205,15 @@ def test_cancel_queued_and_running_and_expiry(tmp_path, shared):
     app.extensions["video_diffusion"].backend.stop()
 
 
-def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(own_api, start_workers):
+def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(own_api, start_workers, redis_server):
     api = own_api
-    workers = start_workers(2)
+    workers = start_workers(2, WORKER_METRICS_PORT="0", HOST="127.0.0.1")
+    # Two workers on one host, each on a free metrics port its heartbeat names.
+    connection = redis.Redis.from_url(redis_server.url)
+    ports = [json.loads(w.find_heartbeat(connection))["metrics_port"] for w in workers]
+    assert len(set(ports)) == 2 and 0 not in ports
+    for port in ports:
+        assert "video_diffusion_model_ready 1.0" in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     task_id = submit(api, **LONG).json["task_id"]
     poll(api, task_id, running)
     victim = next(w for w in workers if w.name == _worker_of(api, task_id))
@@ -161,6 +233,11 @@ def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(own_api, s
     assert final["status"] == "finished", final
     assert survivor.process.wait(30) == 0
     assert api.get(f"/results/{task_id}").status_code == 200
+    # One scrape of the API counts both: the task a worker finished, and the one the reaper failed.
+    metrics = api.get("/metrics").get_data(as_text=True)
+    assert sample(metrics, "video_diffusion_tasks_completed_total") == 1
+    assert sample(metrics, 'video_diffusion_tasks_failed_total{code="abandoned"}') == 1
+    assert sample(metrics, "video_diffusion_queue_wait_seconds_count") == 2
 
 
 def _worker_of(client, task_id) -> str:

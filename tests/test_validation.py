@@ -123,8 +123,10 @@ def test_a_webp_over_its_share_of_max_image_pixels_is_refused_from_its_header(ma
 
 def test_unknown_route_and_method_are_json(client):
     assert client.get("/nope").json["error"]["code"] == "not_found"
-    assert client.get("/generate").status_code == 405
-    assert client.get("/generate").json["error"]["code"] == "method_not_allowed"
+    wrong = client.get("/generate")
+    assert wrong.status_code == 405 and wrong.json["error"]["code"] == "method_not_allowed"
+    assert wrong.json["error"]["message"] == "GET is not allowed here: use POST" and "POST" in wrong.headers["Allow"]
+    assert client.delete("/params").json["error"]["message"] == "DELETE is not allowed here: use GET"
 
 
 # --- odd but valid images: converted, not rejected ---------------------------------------------------

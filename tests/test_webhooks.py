@@ -15,6 +15,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
+import standardwebhooks
 
 from video_diffusion.delivery import webhooks
 from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
@@ -137,12 +138,16 @@ def test_a_signed_delivery_arrives_when_the_task_ends(make_app, receivers):
     assert ended["at"] - time.time() < 5  # within seconds of the end
     assert json.loads(started["body"])["status"] == "started"
     assert json.loads(ended["body"]) == status  # exactly the /status JSON
+    official = standardwebhooks.Webhook(SECRET)  # the specification's own Python verifier
     for delivery in (started, ended):
         assert verify(SECRET, delivery["headers"], delivery["body"])
+        assert official.verify(delivery["body"], delivery["headers"]) == json.loads(delivery["body"])
         assert delivery["headers"]["content-type"] == "application/json" and delivery["path"] == "/hook"
     assert started["headers"]["webhook-id"] != ended["headers"]["webhook-id"]
     forged = dict(ended["headers"], **{"webhook-timestamp": str(int(ended["headers"]["webhook-timestamp"]) + 1)})
     assert not verify(SECRET, forged, ended["body"])
+    with pytest.raises(standardwebhooks.WebhookVerificationError):
+        official.verify(ended["body"], forged)
     assert 'video_diffusion_webhook_deliveries_total{outcome="delivered"} 2.0' in client.get("/metrics").text
 
 

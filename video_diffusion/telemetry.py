@@ -6,14 +6,26 @@ import json
 import logging
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.utils import floatToGoString
 
 from video_diffusion.lifecycle.record import Task, TaskStatus
 
 log = logging.getLogger("video_diffusion.tasks")  # one line per task event, whichever process
 PREFIX = "video_diffusion"
 _SECONDS_BUCKETS = (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+# A counter's `_created` series doubles every target's series for nothing a dashboard uses.
+disable_created_metrics()
+
+# The task outcomes and durations: counted by each process and, in Redis mode, by the cluster (`tally`).
+_COUNTS = {"completed": "Tasks that finished with a video.", "failed": "Tasks that failed, by error code.",
+           "canceled": "Tasks canceled before they finished."}
+_DURATIONS = {"queue_wait": "Time from submission to start.",
+              "generation": "Time generating frames (denoise + decode).",
+              "encoding": "Time encoding frames into a video file."}
 
 
 class Telemetry:
@@ -21,18 +33,16 @@ class Telemetry:
 
     def __init__(self, registry: CollectorRegistry | None = None):
         self.registry = registry or CollectorRegistry()
+        self._cluster: _ClusterCollector | None = None
         r = self.registry
         self.created = Counter(f"{PREFIX}_tasks_created", "Tasks accepted, by mode (sync, async).", ["mode"],
                                registry=r)
-        self.completed = Counter(f"{PREFIX}_tasks_completed", "Tasks that finished with a video.", registry=r)
-        self.failed = Counter(f"{PREFIX}_tasks_failed", "Tasks that failed, by error code.", ["code"], registry=r)
-        self.canceled = Counter(f"{PREFIX}_tasks_canceled", "Tasks canceled before they finished.", registry=r)
-        self.queue_wait = Histogram(f"{PREFIX}_queue_wait_seconds", "Time from submission to start.",
-                                    buckets=_SECONDS_BUCKETS, registry=r)
-        self.generation = Histogram(f"{PREFIX}_generation_seconds", "Time generating frames (denoise + decode).",
-                                    buckets=_SECONDS_BUCKETS, registry=r)
-        self.encoding = Histogram(f"{PREFIX}_encoding_seconds", "Time encoding frames into a video file.",
-                                  buckets=_SECONDS_BUCKETS, registry=r)
+        self.completed = Counter(f"{PREFIX}_tasks_completed", _COUNTS["completed"], registry=r)
+        self.failed = Counter(f"{PREFIX}_tasks_failed", _COUNTS["failed"], ["code"], registry=r)
+        self.canceled = Counter(f"{PREFIX}_tasks_canceled", _COUNTS["canceled"], registry=r)
+        self.queue_wait, self.generation, self.encoding = (
+            Histogram(f"{PREFIX}_{name}_seconds", _DURATIONS[name], buckets=_SECONDS_BUCKETS, registry=r)
+            for name in ("queue_wait", "generation", "encoding"))
         self.decode = Histogram(f"{PREFIX}_image_decode_seconds", "Time decoding an upload (after admission).",
                                 buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r)
         self.result_cache = Counter(f"{PREFIX}_result_cache", "Submissions naming a seed, by whether an earlier "
@@ -47,6 +57,18 @@ class Telemetry:
     def watch(self, backend) -> None:
         """Report the backend's live state (queue depth, running, model ready, workers, GPU memory) at scrape."""
         self.registry.register(_BackendCollector(backend))
+
+    def report_cluster(self, read: Callable[[], dict[str, float] | None]) -> None:
+        """Redis mode, in the API: the task outcomes and durations at scrape are the whole deployment's, as `read`
+        returns them (the sums `tally` adds with each change of status; None while unreadable), not this
+        process's. One scrape target then shows every worker's work."""
+        if self._cluster is not None:
+            self._cluster.read = read
+            return
+        self._cluster = _ClusterCollector(read)
+        for metric in (self.completed, self.failed, self.canceled, self.queue_wait, self.generation, self.encoding):
+            self.registry.unregister(metric)
+        self.registry.register(self._cluster)
 
     def task_created(self, task: Task) -> None:
         self.created.labels(task.mode).inc()
@@ -78,6 +100,59 @@ class Telemetry:
         code = f" ({task.error['code']})" if task.error else ""
         log.info("task %s %s%s: %s", task.task_id, task.status.value, code, detail or "never ran",
                  extra={"task_id": task.task_id})
+
+
+def tally(task: Task) -> dict[str, float]:
+    """What `task`'s change into its present status adds to the cluster's counts: `completed`, `canceled`,
+    `failed|<code>`, and for each duration `<name>|<bucket>` and `<name>|sum`. Redis mode applies
+    it in the same step as the change itself, whichever process makes it, so the counts match the records."""
+    fields: dict[str, float] = {}
+
+    def observe(name: str, seconds: float) -> None:
+        bucket = next((floatToGoString(b) for b in _SECONDS_BUCKETS if seconds <= b), "+Inf")
+        fields.update({f"{name}|{bucket}": 1, f"{name}|sum": seconds})
+
+    if task.status is TaskStatus.STARTED:
+        observe("queue_wait", task.timings.get("queue_wait", 0.0))
+    elif task.status is TaskStatus.FINISHED:
+        fields["completed"] = 1
+        observe("generation", task.timings.get("generation", 0.0))
+        observe("encoding", task.timings.get("encoding", 0.0))
+    elif task.status is TaskStatus.CANCELED:
+        fields["canceled"] = 1
+    elif task.status is TaskStatus.FAILED:
+        fields[f"failed|{(task.error or {}).get('code', 'unknown')}"] = 1
+    return fields
+
+
+class _ClusterCollector:
+    """The cluster's task outcomes and durations from the sums `tally` kept (nothing while they are unreadable:
+    a missing sample, not a drop to zero that would read as a counter reset)."""
+
+    def __init__(self, read: Callable[[], dict[str, float] | None]):
+        self.read = read
+
+    def collect(self):
+        stats = self.read()
+        if stats is None:
+            return
+        for name in ("completed", "canceled"):
+            yield CounterMetricFamily(f"{PREFIX}_tasks_{name}", _COUNTS[name], value=stats.get(name, 0.0))
+        failed = CounterMetricFamily(f"{PREFIX}_tasks_failed", _COUNTS["failed"], labels=["code"])
+        for field, value in sorted(stats.items()):
+            if field.startswith("failed|"):
+                failed.add_metric([field.split("|", 1)[1]], value)
+        yield failed
+        for name, help_text in _DURATIONS.items():
+            total, buckets = 0.0, []
+            for bound in (*(floatToGoString(b) for b in _SECONDS_BUCKETS), "+Inf"):
+                total += stats.get(f"{name}|{bound}", 0.0)
+                buckets.append((bound, total))
+            yield HistogramMetricFamily(f"{PREFIX}_{name}_seconds", help_text, buckets=buckets,
+                                        sum_value=stats.get(f"{name}|sum", 0.0))
+
+    def describe(self):
+        return []
 
 
 class _BackendCollector:

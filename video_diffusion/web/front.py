@@ -33,7 +33,10 @@ SEND_TIMEOUT = 30  # seconds a response may wait on a client that does not read 
 PROBE_PATHS = (b"/health", b"/livez", b"/metrics")
 PROBE_THREADS = 2
 LINGER_SECONDS = 2.0  # how long a closed connection waits for the client's own close, as gunicorn's graceful close
-LINGER_BYTES = 64 * 1024  # and how much of what the client still sends it reads meanwhile
+# and how much of what the client still sends it reads (and discards) meanwhile: enough for the rest of an upload
+# refused from its Content-Length, which a proxy such as nginx sends on before it reads the answer
+LINGER_BYTES = 1 << 30
+LINGER_CHUNK = 64 * 1024  # read at a time
 _CONTENT_LENGTH = re.compile(rb"^content-length[ \t]*:[ \t]*(\d+)[ \t]*\r?$", re.I | re.M)
 _CHUNKED = re.compile(rb"^transfer-encoding[ \t]*:.*chunked", re.I | re.M)
 _CODES = {400: "bad_request", 403: "forbidden", 408: "request_timeout", 413: "payload_too_large",
@@ -265,13 +268,16 @@ class FrontWorker(ThreadWorker):
                 status = response.split(b" ", 2)[1]
                 self._account(incoming.data, int(status) if status.isdigit() else 0, incoming.started, conn.client)
         self._unregister(conn)
-        if response:
-            try:
-                conn.sock.send(response)
-            except OSError:
-                pass
         self.nr_conns -= 1
-        conn.close()
+        if not response:
+            conn.close()
+            return
+        try:
+            conn.sock.send(response)
+        except OSError:
+            conn.close()
+            return
+        self.linger(conn.sock)  # the client (or its proxy) may still be sending the body: let it read the answer
 
     def _unregister(self, conn) -> None:
         try:
@@ -298,7 +304,7 @@ class FrontWorker(ThreadWorker):
 
     def _drain(self, sock: socket.socket) -> None:
         try:
-            data = sock.recv(LINGER_BYTES)
+            data = sock.recv(LINGER_CHUNK)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
