@@ -145,8 +145,14 @@ def rss_bytes(pid: int) -> int:
 
 
 def tiny_model(folder: Path, animatelcm: bool = False) -> Path:
+    """A tiny random-weight pipeline saved in `folder`, or the one `BENCH_TINY_MODEL` names (the smoke tests pass
+    theirs: a script that only serves it then never imports torch itself)."""
+    import os
+
     from pipeline import save_tiny_pipeline
 
+    if not animatelcm and os.environ.get("BENCH_TINY_MODEL"):
+        return Path(os.environ["BENCH_TINY_MODEL"])
     path = folder / ("tiny-animatelcm" if animatelcm else "tiny-svd")
     save_tiny_pipeline(path, animatelcm=animatelcm)
     return path

@@ -46,14 +46,16 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory):
-    """Every script's `--smoke` run, two at a time: script -> (exit code, stdout, stderr)."""
+def smoke_runs(tmp_path_factory, tiny_model_dir):
+    """Every script's `--smoke` run, AT_ONCE at a time: script -> (exit code, stdout, stderr). Those that serve the
+    tiny model serve the session's folder (saved by diffusers' `save_pretrained`, as each script would)."""
     folder = tmp_path_factory.mktemp("bench-smoke")
+    env = {**ONE_THREAD, "BENCH_TINY_MODEL": str(tiny_model_dir)}
 
     def run(entry):
         script, extra, _ = entry
         result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *extra], cwd=folder,
-                                capture_output=True, text=True, timeout=600, check=False, env=ONE_THREAD)
+                                capture_output=True, text=True, timeout=600, check=False, env=env)
         return (script, *extra), (result.returncode, result.stdout, result.stderr)
 
     with ThreadPoolExecutor(AT_ONCE) as pool:
