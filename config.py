@@ -49,16 +49,39 @@ def _int(low: int, high: int | None = None, optional: bool = False) -> Callable[
     return parse
 
 
-def _public_url(value: str) -> str | None:
-    """An absolute http(s) URL with a host and no query, kept without its trailing slash; empty: unset."""
+def _http_url(example: str):
+    def parse(value: str) -> str | None:
+        """An absolute http(s) URL with a host and no query, kept without its trailing slash; empty: unset."""
+        from urllib.parse import urlsplit
+
+        if not value:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"must be an absolute http(s) URL such as {example}")
+        return value.rstrip("/")
+
+    return parse
+
+
+_public_url = _http_url("https://videos.example.com/vd")
+
+
+def _result_store(value: str) -> str:
+    """`redis`, an absolute folder path, or `s3://bucket[/prefix]`."""
     from urllib.parse import urlsplit
 
-    if not value:
-        return None
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
-        raise ValueError("must be an absolute http(s) URL such as https://videos.example.com/vd")
-    return value.rstrip("/")
+    value = value.strip()
+    if value == "redis":
+        return value
+    if value.startswith("s3://"):
+        parts = urlsplit(value)
+        if not parts.netloc or parts.query or parts.fragment:
+            raise ValueError("must be s3://bucket or s3://bucket/prefix")
+        return f"s3://{parts.netloc}" + (f"/{parts.path.strip('/')}" if parts.path.strip("/") else "")
+    if value.startswith("/"):
+        return value.rstrip("/") or "/"
+    raise ValueError("must be redis, an absolute folder path, or s3://bucket/prefix")
 
 
 def _list(value: str) -> tuple[str, ...]:
@@ -90,7 +113,7 @@ def _bool(value: str) -> bool:
 
 @dataclass(frozen=True)
 class Variable:
-    """One setting as the environment names it: its variable, default, parser and help (README's table)."""
+    """One setting as the environment names it: its variable, default, parser and help (docs/configuration.md's table)."""
 
     name: str
     default: Any
@@ -182,12 +205,23 @@ class Settings:
     sync_timeout: int = _setting(600, _int(1),
         "Seconds a synchronous request waits; then 504 with the task id, and the task goes on.")
     redis_url: str | None = _setting(None, _optional_text, "Redis for scale-out, e.g. `redis://redis:6379/0`.")
+    result_store: str = _setting("redis", _result_store,
+        "Redis mode: where inputs and videos live. `redis` (in Redis: small setups), an absolute folder every API "
+        "replica and worker mounts, or `s3://bucket/prefix` (any S3-compatible store; `S3_ENDPOINT_URL` and the "
+        "standard `AWS_*` credential variables). Redis then holds records only.")
+    s3_endpoint_url: str | None = _setting(None, _http_url("http://minio:9000"),
+        "With `RESULT_STORE=s3://...`: the store's URL (MinIO, Garage, Ceph RGW, R2); unset: AWS S3.")
+    result_redirect: bool = _setting(False, _bool,
+        "With `RESULT_STORE=s3://...`: `GET /results/{id}` answers 307 to a presigned URL (valid 5 minutes) instead "
+        "of streaming the video through the API.")
     redis_host: str | None = _setting(None, _optional_text, "Redis host (seed form; `REDIS_URL` wins).")
     redis_port: int = _setting(6379, _int(1, 65535), "Redis port, with `REDIS_HOST`.")
     worker_ttl: int = _setting(30, _int(3, 3600),
         "Redis mode: seconds after which a silent worker counts as gone and its task fails `abandoned`.")
     worker_metrics_port: int = _setting(9101, _int(0, 65535),
-        "Redis mode: port each worker serves its Prometheus metrics on (0: off).")
+        "Redis mode: port each worker serves its own `/metrics` (and `/livez`) on, bound to `HOST`, with the API "
+        "key unless `METRICS_PUBLIC`; 0 or a port already taken (a second worker on the host): a free port, "
+        "logged and named in the worker's heartbeat (`metrics_port`).")
     api_key: tuple[str, ...] | None = _setting(None, _list,
         "One key or a comma-separated list: every route but `/health`, `/livez` and the web page then needs "
         "`Authorization: Bearer <key>` or `X-API-Key: <key>`. Each key is a tenant: its tasks, cached results and "
@@ -268,7 +302,7 @@ def load_settings(environ: Mapping[str, str] | None = None, dotenv_path: str | N
 
 
 def variables_markdown() -> str:
-    """README's table of environment variables."""
+    """The table of environment variables (docs/configuration.md)."""
     rows = ["| Variable | Default | Description |", "|---|---|---|"]
     for var in VARIABLES:
         value = str(var.default).lower() if isinstance(var.default, bool) else var.default

@@ -15,6 +15,8 @@ import sys
 import threading
 
 from config import ConfigError, load_settings
+from video_diffusion.backends.blobs import StoreUnusable
+from video_diffusion.backends.blobs import check_at_start as check_result_store
 from video_diffusion.backends.disk_store import FolderInUse, FolderUnusable, probe_folder
 
 
@@ -38,7 +40,9 @@ try:
     _probe_port(_settings.host, _settings.port)
     if not _settings.redis:
         probe_folder(_settings.video_output_path)  # the worker takes the lock for good; this only asks
-except (ConfigError, FolderInUse, FolderUnusable) as _exc:
+    else:
+        check_result_store(_settings)
+except (ConfigError, FolderInUse, FolderUnusable, StoreUnusable) as _exc:
     print(f"video-diffusion: {_exc}", file=sys.stderr)
     sys.exit(2)
 

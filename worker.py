@@ -11,14 +11,16 @@ import signal
 import sys
 import threading
 
-from prometheus_client import start_http_server
 from rq import SimpleWorker
 
 from config import ConfigError, load_settings
+from video_diffusion.backends.blobs import StoreUnusable
+from video_diffusion.backends.blobs import check_at_start as check_result_store
 from video_diffusion.backends.redis_store import QUEUE_NAME, REDIS_ERRORS, connect
 from video_diffusion.backends.redis_worker import WorkerRuntime, install_runtime
 from video_diffusion.lifecycle.record import ModelState
 from video_diffusion.telemetry import Telemetry, configure_logging
+from video_diffusion.web import worker_metrics
 
 log = logging.getLogger("worker")
 
@@ -43,6 +45,11 @@ def main() -> int:
     if not settings.redis:
         print("worker.py: set REDIS_URL (or REDIS_HOST and REDIS_PORT)", file=sys.stderr)
         return 2
+    try:
+        check_result_store(settings)
+    except StoreUnusable as exc:
+        print(f"worker.py: {exc}", file=sys.stderr)
+        return 2
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # until RQ installs its own, in work()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -52,12 +59,13 @@ def main() -> int:
     telemetry = Telemetry()
     runtime = WorkerRuntime(settings, telemetry)
     telemetry.watch(runtime)
-    if settings.worker_metrics_port:
-        try:
-            start_http_server(settings.worker_metrics_port, registry=telemetry.registry)
-            log.info("metrics on port %d", settings.worker_metrics_port)
-        except OSError as exc:  # a second worker on this host: serving jobs matters more than metrics
-            log.error("no metrics: WORKER_METRICS_PORT=%d: %s", settings.worker_metrics_port, exc)
+    try:
+        metrics = worker_metrics.serve(settings, telemetry.registry)
+    except OSError as exc:  # HOST not an address of this machine: serving jobs matters more than metrics
+        log.error("no metrics: cannot bind %s:%d: %s", settings.host, settings.worker_metrics_port, exc)
+    else:
+        runtime.serve_metrics(metrics)
+        log.info("metrics on %s port %d", settings.host, metrics.server_port)
     install_runtime(runtime)
     runtime.start_heartbeat()
     runtime.load(load_generator)

@@ -53,6 +53,9 @@ class Backend(Protocol):
     def result(self, task: Task) -> BinaryIO | None:
         """The finished task's video as an open binary file, or None once it is gone."""
 
+    def result_url(self, task: Task) -> str | None:
+        """Where the client may download the video itself (RESULT_REDIRECT with S3), or None to stream it here."""
+
     def queue_position(self, task_id: str) -> int | None: ...
 
     def health(self) -> Health: ...

@@ -234,6 +234,10 @@ class EmbeddedBackend:
     def result(self, task: Task) -> BinaryIO | None:
         return None if task.expired else self.store.open_result(task)
 
+    def result_url(self, task: Task) -> str | None:
+        """The embedded mode serves every video itself."""
+        return None
+
     def queue_position(self, task_id: str) -> int | None:
         """1 for the task that runs next, None when it is not waiting."""
         with self._cond:

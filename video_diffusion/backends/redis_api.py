@@ -14,6 +14,8 @@ from PIL import Image
 from config import Settings
 from video_diffusion.clock import Clock
 from video_diffusion import errors
+from video_diffusion.backends import blobs
+from video_diffusion.backends.blobs import BlobStoreError, StoreWatch, input_name, result_name
 from video_diffusion.backends.contract import Health, Places, component_states, derive_status
 from video_diffusion.backends.redis_store import (
     REDIS_ERRORS,
@@ -26,6 +28,7 @@ from video_diffusion.backends.redis_store import (
     unavailable_on_redis_errors,
 )
 from video_diffusion.backends.shared import answer_from_cache
+from video_diffusion.backends.storage import files_estimate
 from video_diffusion.backends.supervisor import Supervisor
 from video_diffusion.models.contract import ModelInfo
 from video_diffusion.delivery.webhooks import Dispatcher
@@ -45,6 +48,7 @@ log = logging.getLogger(__name__)
 JOB_FUNCTION = "video_diffusion.backends.redis_worker.run_job"
 
 
+REDIRECT_SECONDS = 300  # how long a presigned result URL works (RESULT_REDIRECT)
 SERVED_FOR = 1.0  # seconds a read of the heartbeats answers "what do the workers serve" (they beat every few s)
 
 
@@ -56,9 +60,13 @@ class RedisBackend:
         self.settings = settings
         self.clock = clock or Clock()
         self.redis = connection or connect(settings.redis)
-        self.store = RedisStore(self.redis, settings, self.clock)
+        self.blobs = blobs.for_settings(settings)
+        self.store = RedisStore(self.redis, settings, self.clock, self.blobs)
+        max_bytes = settings.max_storage_mb * 2**20 if settings.max_storage_mb else None
+        self.store_watch = StoreWatch(self.blobs, settings.result_ttl, max_bytes) if self.blobs else None
         self.queue = self.store.queue
         self.telemetry = telemetry
+        telemetry.report_cluster(self.store.stats)
         self.supervisor = Supervisor()
         self._lock = threading.RLock()
         self._places = Places(self._lock)
@@ -77,6 +85,9 @@ class RedisBackend:
         return workers
 
     def start(self) -> None:
+        if self.store_watch is not None:
+            self.store_watch.check()  # a folder store was checked at start (gunicorn.conf.py); S3 may come later
+            self.supervisor.spawn("result-store", lambda: self.store_watch.run(self.supervisor.stopping))
         self.supervisor.spawn("reaper", self._reap_loop)
         self.supervisor.spawn("redis-watch", lambda: self.store.watch(self.supervisor.stopping))
         self.supervisor.spawn("webhooks", lambda: self.dispatcher.run(self.supervisor.stopping))
@@ -102,6 +113,8 @@ class RedisBackend:
 
     def admission(self, mode: str):
         def check(held: int) -> None:
+            if self.store_watch is not None:
+                self.store_watch.admit(0)  # an unusable or full store refuses before the body is read
             model, detail, waiting = self._capacity()
             admit(mode, draining=self._draining, model=model, ready_detail=detail, waiting=waiting + held,
                   max_queue=self.settings.max_queue)
@@ -121,9 +134,17 @@ class RedisBackend:
             return hit
         png = io.BytesIO()
         image.save(png, format="PNG", compress_level=1)
+        if self.blobs is not None:  # stored first: a worker that takes the job always finds it
+            self.store_watch.admit(files_estimate(task, image))
+            png.seek(0)
+            try:
+                self.blobs.put(input_name(task.task_id), png)
+            except BlobStoreError as exc:
+                raise errors.StorageUnavailable(f"{exc}; try again shortly", retry_after=30) from None
         with self.redis.pipeline() as pipe:  # MULTI: the record, its input and its job exist together or not at all
             pipe.multi()
-            pipe.set(redis_key("input", task.task_id), png.getvalue(), ex=self.settings.result_ttl)
+            if self.blobs is None:
+                pipe.set(redis_key("input", task.task_id), png.getvalue(), ex=self.settings.result_ttl)
             pipe.set(redis_key("task", task.task_id), task.to_json(), ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
             pipe.sadd("vd:queued", task.task_id)
             # RQ's own timeout is a backstop behind the per-step JOB_TIMEOUT check, which fails cleanly.
@@ -172,8 +193,19 @@ class RedisBackend:
 
     @unavailable_on_redis_errors
     def result(self, task: Task) -> BinaryIO | None:
-        data = None if task.expired else self.redis.get(redis_key("result", task.cached_from or task.task_id))
-        return None if data is None else io.BytesIO(data)
+        if task.expired:
+            return None
+        try:
+            return self.store.open_result(task.cached_from or task.task_id)
+        except BlobStoreError as exc:
+            raise errors.StorageUnavailable(f"{exc}; try again shortly", retry_after=30) from None
+
+    def result_url(self, task: Task) -> str | None:
+        """With RESULT_REDIRECT and an S3 store, a presigned URL of the video (valid REDIRECT_SECONDS)."""
+        if not self.settings.result_redirect or self.blobs is None or task.expired:
+            return None
+        return self.blobs.presigned_url(result_name(task.cached_from or task.task_id), REDIRECT_SECONDS,
+                                        task.result["filename"], task.result["content_type"])
 
     @unavailable_on_redis_errors
     def queue_position(self, task_id: str) -> int | None:
@@ -229,7 +261,11 @@ class RedisBackend:
             log.warning("health: Redis unreachable: %s", exc)
             return Health("unavailable", {**details, "redis": "unreachable"})
         model, error = workers_verdict(workers)
-        status = derive_status(draining=self._draining, model=model, components=components)
+        store = self.store_watch
+        status = derive_status(draining=self._draining, model=model, components=components,
+                               storage=store.state if store is not None else "ok")
+        if store is not None:
+            details["result_store"] = store.health()
         ready = [w for w in workers if w["state"] == ModelState.READY.value]
         details.update(redis="ok", workers=len(ready), workers_not_ready=len(workers) - len(ready),
                        waiting=waiting, running=sum(1 for w in workers if w.get("task")))

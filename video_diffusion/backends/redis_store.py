@@ -16,6 +16,7 @@ each with its TTL. Keys:
     vd:started       ids of running tasks, checked against the heartbeats to fail abandoned ones
     vd:webhooks      pending webhook deliveries by due time; vd:webhook:<id> holds each (webhooks.py)
     vd:idem:<hash>   an Idempotency-Key's request fingerprint and task (idempotency.py)
+    vd:stats         the cluster's task outcomes and durations (telemetry.tally), added with each change of status
 
 Every change of a task's status is one compare-and-set (a Lua script): it applies only if the record is in a
 status the lifecycle allows it to leave (and, for a worker, still its own), with its side effects (the sets,
@@ -25,9 +26,11 @@ the input, the video) in the same step. So a failed task can never become finish
 from __future__ import annotations
 
 import functools
+import io
 import json
 import logging
 import time
+from typing import BinaryIO
 
 import redis
 from redis.backoff import ExponentialBackoff
@@ -39,10 +42,12 @@ from rq.job import Job
 from config import Settings
 from video_diffusion.clock import Clock
 from video_diffusion import errors
+from video_diffusion.backends.blobs import Blobs, input_name, result_name
 from video_diffusion.delivery.webhooks import LEASE_SECONDS, Delivery, delivery_for, one_per_destination
 from video_diffusion.errors import BackendUnavailable
 from video_diffusion.lifecycle.idempotency import Entry, stale
 from video_diffusion.lifecycle.record import TOMBSTONE_SECONDS, CorruptRecord, Task, TaskStatus, failure, sources
+from video_diffusion.telemetry import tally
 
 log = logging.getLogger(__name__)
 
@@ -52,15 +57,16 @@ REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # transaction, so this only guards against clock skew between machines.
 LOST_JOB_GRACE = 10.0
 
-# KEYS: task, started set, queued set, input, result, webhook outbox, webhook delivery.
+# KEYS: task, started set, queued set, input, result, webhook outbox, webhook delivery, cluster counts.
 # ARGV: id, new record, record ttl, new status, expected worker ('' = any), result ttl, result ('' = none),
-#       delivery id ('' = none), delivery, delivery due time, then the statuses the task may be in.
+#       delivery id ('' = none), delivery, delivery due time, counts to add (JSON, telemetry.tally), then the
+#       statuses the task may be in.
 _TRANSITION = """
 local raw = redis.call('GET', KEYS[1])
 if not raw then return 0 end
 local current = cjson.decode(raw)
 local allowed = false
-for i = 11, #ARGV do
+for i = 12, #ARGV do
   if current['status'] == ARGV[i] then allowed = true end
 end
 if not allowed then return 0 end
@@ -80,10 +86,14 @@ if ARGV[8] ~= '' and current['status'] ~= status then
   redis.call('SET', KEYS[7], ARGV[9], 'EX', ARGV[3])
   redis.call('ZADD', KEYS[6], ARGV[10], ARGV[8])
 end
+if current['status'] ~= status then
+  for field, amount in pairs(cjson.decode(ARGV[11])) do redis.call('HINCRBYFLOAT', KEYS[8], field, amount) end
+end
 return 1
 """
 
 OUTBOX = "vd:webhooks"
+STATS = "vd:stats"
 
 # Claim due deliveries: each is leased (re-scored to now + lease) so that one sender has it at a time, and
 # another takes it up when that sender dies. KEYS: outbox. ARGV: now, lease end, limit.
@@ -136,10 +146,11 @@ def unavailable_on_redis_errors(method):
 class RedisStore:
     """Task records and their files in Redis; every status change a compare-and-set."""
 
-    def __init__(self, connection: redis.Redis, settings: Settings, clock: Clock):
+    def __init__(self, connection: redis.Redis, settings: Settings, clock: Clock, blobs: Blobs | None = None):
         self.redis = connection
         self.settings = settings
         self.clock = clock
+        self.blobs = blobs  # RESULT_STORE outside Redis (a shared folder, S3); None: the files live in Redis
         self.queue = Queue(QUEUE_NAME, connection=connection)
         self._transition = connection.register_script(_TRANSITION)
         # Since when (monotonic) Redis has answered promptly (`watch`); -inf until an outage is seen; None while down.
@@ -170,13 +181,21 @@ class RedisStore:
         joins the outbox in the same step."""
         delivery = delivery_for(task, self.clock.now())
         keys = [redis_key("task", task.task_id), "vd:started", "vd:queued", redis_key("input", task.task_id),
-                redis_key("result", task.task_id), OUTBOX, redis_key("webhook", delivery.id if delivery else "none")]
+                redis_key("result", task.task_id), OUTBOX, redis_key("webhook", delivery.id if delivery else "none"),
+                STATS]
         args = [task.task_id, task.to_json(), self.settings.result_ttl + TOMBSTONE_SECONDS, task.status.value,
                 worker or "", self.settings.result_ttl, result,
                 delivery.id if delivery else "", delivery.to_json() if delivery else "",
-                delivery.next_at if delivery else 0,
+                delivery.next_at if delivery else 0, json.dumps(tally(task)),
                 *(s.value for s in (expected or sources(task.status)))]
         return bool(self._transition(keys=keys, args=args))
+
+    def stats(self) -> dict[str, float] | None:
+        """The cluster's counts (`vd:stats`), None while Redis is unreachable."""
+        try:
+            return {field.decode(): float(value) for field, value in self.redis.hgetall(STATS).items()}
+        except REDIS_ERRORS:
+            return None
 
     def job_lost(self, task: Task) -> bool:
         """Whether a queued task's job is gone from everywhere a worker could still take it up, read through RQ's
@@ -212,7 +231,27 @@ class RedisStore:
         if not self.compare_and_set(ended, worker=worker, result=result):
             return False
         task.__dict__.update(ended.__dict__)
+        if self.blobs is not None:  # in Redis the transition itself deleted it
+            self.blobs.delete(input_name(task.task_id))
         return True
+
+    def read_input(self, task_id: str) -> bytes | None:
+        """A waiting task's input image (PNG bytes), wherever RESULT_STORE keeps it."""
+        if self.blobs is None:
+            return self.redis.get(redis_key("input", task_id))
+        stream = self.blobs.open(input_name(task_id))
+        if stream is None:
+            return None
+        with stream:
+            return stream.read()
+
+    def open_result(self, task_id: str) -> BinaryIO | None:
+        """A finished task's video as a seekable stream, or None once it is gone. Videos stored in Redis before
+        RESULT_STORE moved them (`vd:result:<id>`) are still served until their keys expire."""
+        if self.blobs is not None and (stream := self.blobs.open(result_name(task_id))) is not None:
+            return stream
+        data = self.redis.get(redis_key("result", task_id))
+        return None if data is None else io.BytesIO(data)
 
     def watch(self, stopping) -> None:
         """The loop a Supervisor runs in every process that judges workers: a PING every WATCH_SECONDS on a

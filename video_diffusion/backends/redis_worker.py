@@ -17,6 +17,8 @@ from PIL import Image
 from config import Settings
 from video_diffusion.clock import Clock
 from video_diffusion import errors
+from video_diffusion.backends import blobs
+from video_diffusion.backends.blobs import BlobStoreError, result_name
 from video_diffusion.backends.redis_store import REDIS_ERRORS, RedisOutbox, RedisStore, connect, redis_key
 from video_diffusion.backends.shared import load_model
 from video_diffusion.backends.supervisor import Supervisor
@@ -49,10 +51,12 @@ class WorkerRuntime:
         self.settings = settings
         self.clock = clock or Clock()
         self.redis = connect(settings.redis)
-        self.store = RedisStore(self.redis, settings, self.clock)
+        self.blobs = blobs.for_settings(settings)
+        self.store = RedisStore(self.redis, settings, self.clock, self.blobs)
         self.telemetry = telemetry
         # Unique per start: a worker restarted with the same pid (PID 1 in a container) is a new worker.
         self.name = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+        self.metrics_server = None  # its /metrics (worker_metrics.serve), named in the heartbeat
         self.state, self.error, self.generator, self.current = ModelState.LOADING, None, None, None
         self.rq_worker: str | None = None  # the RQ worker taking jobs for this runtime: the name RQ puts on its jobs
         self.supervisor = Supervisor()
@@ -73,7 +77,8 @@ class WorkerRuntime:
 
     def beat(self) -> None:
         info = {"name": self.name, "state": self.state.value, "task": self.current, "error": self.error,
-                "rq_worker": self.rq_worker}
+                "rq_worker": self.rq_worker,
+                "metrics_port": self.metrics_server.server_port if self.metrics_server is not None else None}
         if self.generator is not None:
             info.update(self.generator.describe(), served=self.generator.model.public())
         self.redis.set(redis_key("worker", self.name), json.dumps(info), ex=self.settings.worker_ttl)
@@ -83,6 +88,11 @@ class WorkerRuntime:
             self.beat()
         except REDIS_ERRORS as exc:
             log.warning("heartbeat: Redis unreachable (%s); retrying", exc)
+
+    def serve_metrics(self, server) -> None:
+        """Serve `server` (bound, not yet serving) as a supervised loop until `stop`."""
+        self.metrics_server = server
+        self.supervisor.spawn("metrics", server.serve_forever)
 
     def start_heartbeat(self) -> None:
         self.supervisor.spawn("heartbeat", self._heartbeat_loop)
@@ -98,6 +108,9 @@ class WorkerRuntime:
                 pass  # said by the beat above
 
     def stop(self) -> None:
+        self.supervisor.stopping.set()
+        if self.metrics_server is not None:
+            self.metrics_server.shutdown()  # serve_forever returns
         self.supervisor.stop(5)
         self.dispatcher.stop()
         try:
@@ -148,9 +161,12 @@ class WorkerRuntime:
 
     def _execute(self, task: Task) -> tuple[TaskStatus, dict | None, bytes]:
         def load_image() -> Image.Image:
-            data = self.redis.get(redis_key("input", task.task_id))
+            try:
+                data = self.store.read_input(task.task_id)
+            except BlobStoreError as exc:
+                raise errors.StorageFull(str(exc)) from None
             if data is None:
-                raise FileNotFoundError("the task's input is gone from Redis")
+                raise FileNotFoundError("the task's input is gone from the result store")
             return Image.open(io.BytesIO(data)).convert("RGB")
 
         progress = progress_recorder(task, self.settings.job_timeout, self._save_progress,
@@ -158,8 +174,16 @@ class WorkerRuntime:
         with tempfile.TemporaryDirectory(prefix="vd-") as folder:
             out = Path(folder) / "video"
             status, error = execute(self.generator, task, load_image, out, progress)
-            video = out.read_bytes() if status is TaskStatus.FINISHED else b""
-        return status, error, video
+            if status is not TaskStatus.FINISHED:
+                return status, error, b""
+            if self.blobs is None:  # the transition stores it in Redis with the record
+                return status, error, out.read_bytes()
+            try:  # streamed from the file; stored before the record says finished, so a reader always finds it
+                with open(out, "rb") as video:
+                    self.blobs.put(result_name(task.task_id), video)
+            except BlobStoreError as exc:
+                return TaskStatus.FAILED, {"code": errors.StorageFull.code, "message": str(exc)}, b""
+        return status, error, b""
 
     def _save_progress(self, task: Task) -> None:
         """Progress is best effort through a Redis outage; a task taken away (reaped) stops the run."""
@@ -191,6 +215,8 @@ class WorkerRuntime:
                 if not ended:
                     log.warning("task %s ended elsewhere (%s); dropping this worker's result", task.task_id,
                                 (self.store.load(task.task_id) or task).status.value)
+                    if self.blobs is not None and status is TaskStatus.FINISHED:
+                        self.blobs.delete(result_name(task.task_id))
                 return ended
             except REDIS_ERRORS as exc:
                 if time.monotonic() > deadline:

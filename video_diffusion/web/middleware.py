@@ -8,6 +8,7 @@ import logging
 import re
 import time
 import uuid
+from http import HTTPStatus
 from urllib.parse import urlsplit
 
 from flask import Flask, current_app, g, jsonify, request
@@ -56,12 +57,20 @@ def _authorize() -> None:
         return
     if request.endpoint == "api.metrics" and settings.metrics_public:
         return
-    given = presented_key()
+    if not key_accepted(settings, presented_key()):
+        raise errors.Unauthorized(KEY_NEEDED)
+
+
+KEY_NEEDED = "missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key`"
+
+
+def key_accepted(settings, given: str) -> bool:
+    """Whether `given` is one of the API keys (or the admin key): every key compared, in constant time. The API
+    and a worker's metrics server both ask this."""
     matched = False
     for key in (*settings.api_key, *([settings.admin_api_key] if settings.admin_api_key else [])):
-        matched |= hmac.compare_digest(given.encode(), key.encode())  # every key compared, in constant time
-    if not matched:
-        raise errors.Unauthorized("missing or wrong API key: send `Authorization: Bearer <key>` or `X-API-Key`")
+        matched |= hmac.compare_digest(given.encode(), key.encode())
+    return matched
 
 
 def tenant() -> str | None:
@@ -87,9 +96,11 @@ def presented_key() -> str:
 
 def _after_request(response):
     service = current_app.extensions["video_diffusion"]
+    response.status = _status_line(response.status_code)
     response.headers["X-Request-Id"] = g.get("request_id", "")
     response.headers["X-Content-Type-Options"] = "nosniff"
-    if "Location" in response.headers:  # e.g. werkzeug's slash redirects: never point at whatever `Host` said
+    if "Location" in response.headers and not g.get("absolute_location"):  # e.g. werkzeug's slash redirects:
+        # never point at whatever `Host` said (a presigned result URL, the store's own, is kept as made)
         response.headers["Location"] = urlsplit(response.headers["Location"])._replace(scheme="", netloc="").geturl()
     if request.blueprint == "page":
         response.headers["Content-Security-Policy"] = PAGE_POLICY
@@ -108,6 +119,14 @@ def _after_request(response):
                    "method": request.method, "path": request.path, "status": response.status_code,
                    "duration_ms": round(duration_ms, 1)})
     return response
+
+
+def _status_line(code: int) -> str:
+    """RFC 9110's reason phrase ("202 Accepted"), not werkzeug's capitals ("202 ACCEPTED")."""
+    try:
+        return f"{code} {HTTPStatus(code).phrase}"
+    except ValueError:  # e.g. 499, client_gone
+        return f"{code} Client Closed Request" if code == errors.ClientGone.status else str(code)
 
 
 def _add_cors_headers(response, origins) -> None:
@@ -142,6 +161,9 @@ def _http_error(exc: HTTPException):
     if exc.code == 413:
         message = (f"the request is larger than MAX_UPLOAD_MB={_settings().max_upload_mb} MiB "
                    "or has too many form parts")
+    elif exc.code == 405 and getattr(exc, "valid_methods", None):
+        allowed = [m for m in exc.valid_methods if m not in ("HEAD", "OPTIONS")] or list(exc.valid_methods)
+        message = f"{request.method} is not allowed here: use {' or '.join(sorted(allowed))}"
     else:
         message = exc.description or exc.name
     error_class = _HTTP_CODES.get(exc.code)

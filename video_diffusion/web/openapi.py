@@ -93,7 +93,7 @@ def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
     fields = {p.name: _param_schema(p) for p in params}
     fields.update(
         webhook={"type": "string", "format": "uri", "description": "An http(s) URL on a host WEBHOOK_ALLOW lists: "
-                 "POSTed the task's status JSON when it ends, signed per Standard Webhooks (README)."},
+                 "POSTed the task's status JSON when it ends, signed per Standard Webhooks (docs/async.md)."},
         webhook_events={"type": "string", "enum": ["started", "ended", "started,ended"],
                         "description": "`started` also calls `webhook` when the task starts."})
     image = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
@@ -139,7 +139,11 @@ def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
                                                               "family": {"type": "string"}}}}}},
                                     **_errors(401, 503)}}},
             "/results/{task_id}": _task_path("getResults", "A task's video once finished.", {
-                "200": _VIDEO, "202": _json("Task", "Not finished yet."), **_errors(401, 404, 409, 410, 503)}),
+                "200": _VIDEO, "202": _json("Task", "Not finished yet."),
+                "307": {"description": "RESULT_REDIRECT with an S3 result store: the video is at `Location`, a "
+                                       "presigned URL valid for 5 minutes.",
+                        "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}}},
+                **_errors(401, 404, 409, 410, 503)}),
             "/tasks/{task_id}": _task_path("cancelTask", "Cancel a task.", {
                 "200": _json("Task", "Canceled."), "202": _json("Task", "Running: it stops at its next step."),
                 **_errors(401, 404, 409, 503)}, method="delete"),

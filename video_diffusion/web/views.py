@@ -7,7 +7,7 @@ import io
 import json
 import time
 
-from flask import Response, current_app, has_request_context, jsonify, request, send_file, stream_with_context
+from flask import Response, current_app, g, has_request_context, jsonify, redirect, request, send_file, stream_with_context
 
 from video_diffusion import errors
 from video_diffusion.lifecycle.record import Task, TaskStatus, status_document
@@ -42,19 +42,30 @@ def video_response(task: Task):
     """
     if task.status is not TaskStatus.FINISHED:
         raise errors.from_code(task.error["code"], task.error["message"])
+    content_type = task.result["content_type"]
+    if not _wants_json(content_type) and (url := _service().backend.result_url(task)) is not None:
+        response = redirect(url, 307)  # RESULT_REDIRECT: the store serves the bytes, for a few minutes
+        response.vary.add("Accept")
+        response.headers.update({"X-Task-Id": task.task_id, "X-Seed": str(task.params["seed"]), "X-Model": task.model,
+                                 "Cache-Control": "no-store"})
+        g.absolute_location = True  # the store's own URL, not one made from the request's Host
+        return response
     video = _service().backend.result(task)
     if video is None:
         raise errors.ResultExpired(f"the video was deleted RESULT_TTL={_service().settings.result_ttl} s after it "
                                    "was made")
     size = video.seek(0, io.SEEK_END)
     video.seek(0)
-    content_type = task.result["content_type"]
     if _wants_json(content_type):
         response = _json_video(task, video, size)
     else:
+        # Ranges and validators from what the record knows, whatever the stream is (a file, Redis bytes, an S3
+        # object): send_file itself only knows the size of a path or a BytesIO.
         response = send_file(video, mimetype=content_type, as_attachment=True,
-                             download_name=task.result["filename"], max_age=0)
+                             download_name=task.result["filename"], max_age=0, conditional=False, etag=False)
         response.content_length = size
+        response.set_etag(f"{task.cached_from or task.task_id}-{size}")
+        response = response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
     response.vary.add("Accept")
     timings = task.timings
     response.headers.update({

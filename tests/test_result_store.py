@@ -1,0 +1,250 @@
+"""RESULT_STORE: videos and inputs outside Redis, in a shared folder or an S3 store (moto's server on loopback),
+with real `python worker.py` processes and API replicas that share nothing but Redis and the store."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import redis
+import requests
+
+from conftest import (ROOT, SMALL, RedisServer, decode_video, free_port, image_bytes, process_env, settings_for,
+                      start_worker_processes, upload)
+from server import create_app
+from test_async import LONG, ended, poll, running, submit
+
+pytestmark = pytest.mark.slow
+AWS = {"AWS_ACCESS_KEY_ID": "test-key", "AWS_SECRET_ACCESS_KEY": "test-secret", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+class MotoServer:
+    """moto's S3 server (`moto_server`, a pinned test dependency) on a free loopback port."""
+
+    def __init__(self):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self, bucket: str = "videos") -> None:
+        executable = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+        self.process = subprocess.Popen([executable, "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                requests.get(self.url, timeout=1)
+                break
+            except requests.ConnectionError:
+                assert self.process.poll() is None, "moto_server exited"
+                time.sleep(0.1)
+        self.client().create_bucket(Bucket=bucket)  # moto keeps everything in memory: a new server, a new bucket
+
+    def client(self):
+        import boto3
+
+        return boto3.client("s3", endpoint_url=self.url, region_name="us-east-1",
+                            aws_access_key_id=AWS["AWS_ACCESS_KEY_ID"], aws_secret_access_key=AWS["AWS_SECRET_ACCESS_KEY"])
+
+    def keys(self, bucket: str = "videos") -> list[str]:
+        return [item["Key"] for item in self.client().list_objects_v2(Bucket=bucket).get("Contents", [])]
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def moto():
+    server = MotoServer()
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def s3_deployment(tmp_path_factory, tiny_model_dir, moto):
+    """Redis, an S3 store and one worker using it: the settings every process of the deployment shares."""
+    folder = tmp_path_factory.mktemp("s3-store")
+    server = RedisServer(folder)
+    server.start()
+    env = {"RESULT_STORE": "s3://videos/vd", "S3_ENDPOINT_URL": moto.url, **AWS}
+    (worker,) = start_worker_processes(folder, tiny_model_dir, server.url, **env)
+    yield server, env, worker
+    worker.stop()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def folder_deployment(tmp_path_factory, tiny_model_dir):
+    folder = tmp_path_factory.mktemp("folder-store")
+    store = folder / "shared"
+    store.mkdir()
+    server = RedisServer(folder)
+    server.start()
+    env = {"RESULT_STORE": str(store)}
+    (worker,) = start_worker_processes(folder, tiny_model_dir, server.url, **env)
+    yield server, env, store
+    worker.stop()
+    server.stop()
+
+
+def api(tmp_path, url: str, monkeypatch=None, **env):
+    """An API replica: its own app and backend on the shared Redis and store (boto3 reads AWS_* from the
+    environment, as in a container)."""
+    if monkeypatch is not None:
+        for name, value in env.items():
+            if name.startswith("AWS_"):
+                monkeypatch.setenv(name, value)
+    settings = {k: v for k, v in env.items() if not k.startswith("AWS_")}
+    app = create_app(settings_for(tmp_path, REDIS_URL=url, WORKER_TTL="3", **settings))
+    return app, app.test_client()
+
+
+def redis_bytes_of(connection, task_id: str) -> int:
+    """What one task costs Redis: the memory of every key naming it (`MEMORY USAGE`)."""
+    return sum(connection.memory_usage(key) or 0 for key in connection.scan_iter(f"*{task_id}*"))
+
+
+def test_a_folder_store_keeps_redis_to_records_and_any_replica_serves_the_video(tmp_path, folder_deployment):
+    server, env, store = folder_deployment
+    first, first_client = api(tmp_path / "a", server.url, **env)
+    second, second_client = api(tmp_path / "b", server.url, **env)
+    try:
+        task_id = submit(first_client, **SMALL).json["task_id"]
+        final = poll(second_client, task_id, ended)  # the other replica follows it
+        assert final["status"] == "finished", final
+        video = second_client.get(f"/results/{task_id}")
+        assert video.status_code == 200 and video.data == (store / "results" / task_id).read_bytes()
+        assert video.data == first_client.get(f"/results/{task_id}").data  # the same bytes from either replica
+        assert decode_video(video.data, "mp4")[0].shape[0] == int(SMALL["num_frames"])
+        part = second_client.get(f"/results/{task_id}", headers={"Range": "bytes=10-99"})
+        assert part.status_code == 206 and part.data == video.data[10:100]
+
+        connection = redis.Redis.from_url(server.url)
+        assert connection.exists(f"vd:result:{task_id}", f"vd:input:{task_id}") == 0
+        assert not (store / "inputs" / f"{task_id}.png").exists()  # deleted when the task ended
+        assert redis_bytes_of(connection, task_id) < 4096  # the record only, whatever the video's size
+        store_health = first_client.get("/health").json["result_store"]
+        assert store_health["kind"] == "folder" and store_health["state"] == "ok" and store_health["max_bytes"] is None
+    finally:
+        for app in (first, second):
+            app.extensions["video_diffusion"].backend.stop()
+
+
+def test_a_folder_store_that_is_missing_stops_the_api_and_the_worker_with_one_line(tmp_path, folder_deployment):
+    server, _, _ = folder_deployment
+    env = process_env(REDIS_URL=server.url, RESULT_STORE=str(tmp_path / "not-mounted"), PORT=str(free_port()),
+                      HOST="127.0.0.1", VIDEO_OUTPUT_PATH=str(tmp_path / "videos"))
+    for command in ([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")],
+                    [sys.executable, str(ROOT / "worker.py")]):
+        result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert result.returncode == 2, result.stderr
+        lines = [line for line in result.stderr.splitlines() if "RESULT_STORE" in line]
+        assert len(lines) == 1 and "not-mounted" in lines[0] and "does not exist" in lines[0], result.stderr
+
+
+def test_videos_stored_in_redis_before_the_switch_are_still_served(tmp_path, folder_deployment):
+    """A deployment that moves from RESULT_STORE=redis keeps serving the `vd:result` keys it already has."""
+    server, env, _ = folder_deployment
+    app, client = api(tmp_path, server.url, **env)
+    try:
+        task_id = submit(client, **SMALL).json["task_id"]
+        assert poll(client, task_id, ended)["status"] == "finished"
+        connection = redis.Redis.from_url(server.url)
+        stored = client.get(f"/results/{task_id}").data
+        # As an older release left it: the video in Redis, none in the store.
+        connection.set(f"vd:result:{task_id}", stored)
+        (Path(env["RESULT_STORE"]) / "results" / task_id).unlink()
+        again = client.get(f"/results/{task_id}")
+        assert again.status_code == 200 and again.data == stored
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+def test_an_s3_store_streams_redirects_and_deletes_inputs(tmp_path, s3_deployment, moto, monkeypatch):
+    server, env, _ = s3_deployment
+    app, client = api(tmp_path, server.url, monkeypatch, **env)
+    redirecting, redirect_client = api(tmp_path / "r", server.url, monkeypatch, RESULT_REDIRECT="true", **env)
+    try:
+        task_id = submit(client, **dict(SMALL, format="webm")).json["task_id"]
+        assert poll(client, task_id, ended)["status"] == "finished"
+        assert f"vd/results/{task_id}" in moto.keys() and f"vd/inputs/{task_id}.png" not in moto.keys()
+        video = client.get(f"/results/{task_id}")
+        assert video.status_code == 200 and video.headers["Content-Type"] == "video/webm"
+        assert video.data == moto.client().get_object(Bucket="videos", Key=f"vd/results/{task_id}")["Body"].read()
+        part = client.get(f"/results/{task_id}", headers={"Range": "bytes=100-"})
+        assert part.status_code == 206 and part.data == video.data[100:]
+        assert redis_bytes_of(redis.Redis.from_url(server.url), task_id) < 4096
+
+        moved = redirect_client.get(f"/results/{task_id}")
+        assert moved.status_code == 307 and moved.headers["Location"].startswith(moto.url + "/videos/vd/results/")
+        assert moved.headers["X-Seed"] and "X-Amz-Signature=" in moved.headers["Location"]
+        fetched = requests.get(moved.headers["Location"], timeout=10)  # no credentials: the URL is the key
+        assert fetched.status_code == 200 and fetched.content == video.data
+        assert fetched.headers["Content-Disposition"] == f"attachment; filename={task_id}.webm"
+        assert redirect_client.get(f"/results/{task_id}", headers={"Accept": "application/json"}).status_code == 200
+    finally:
+        for one in (app, redirecting):
+            one.extensions["video_diffusion"].backend.stop()
+
+
+def test_an_s3_outage_fails_the_running_task_storage_error_health_says_so_and_it_recovers(
+        tmp_path, s3_deployment, moto, monkeypatch):
+    server, env, _ = s3_deployment
+    monkeypatch.setattr("video_diffusion.backends.blobs.StoreWatch.CHECK_SECONDS", 0.5)
+    app, client = api(tmp_path, server.url, monkeypatch, **env)
+    try:
+        task_id = submit(client, **LONG).json["task_id"]
+        poll(client, task_id, running)
+        moto.stop()
+        final = poll(client, task_id, ended, timeout=60)
+        assert final["status"] == "failed" and final["error"]["code"] == "storage_error", final
+        assert "result store (s3)" in final["error"]["message"] and "127.0.0.1" not in str(final)
+        deadline = time.monotonic() + 15
+        while (health := client.get("/health")).status_code == 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert health.status_code == 503 and health.json["status"] == "storage_unavailable"
+        assert health.json["result_store"] == {"kind": "s3", "state": "storage_unavailable"}
+        refused = client.post("/generate", data=upload(image_bytes(), **SMALL), headers={"Prefer": "respond-async"})
+        assert refused.status_code == 503 and refused.json["error"]["code"] == "storage_unavailable"
+        assert str(moto.port) not in refused.get_data(as_text=True)
+
+        moto.start()  # back (moto keeps nothing: a new, empty bucket)
+        deadline = time.monotonic() + 15
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert client.get("/health").status_code == 200
+        again = submit(client, **SMALL).json["task_id"]
+        assert poll(client, again, ended)["status"] == "finished"
+        assert client.get(f"/results/{again}").status_code == 200
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+def test_the_sweep_deletes_what_outlived_result_ttl_from_either_store(tmp_path, moto, monkeypatch):
+    """The loop every API process runs: objects older than RESULT_TTL go, younger ones stay."""
+    import io
+
+    from video_diffusion.backends.blobs import FolderBlobs, S3Blobs
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    stores = [FolderBlobs(tmp_path / "store"), S3Blobs("videos", "sweep", endpoint_url=moto.url)]
+    (tmp_path / "store").mkdir()
+    for store in stores:
+        store.put("results/old", io.BytesIO(b"old video"))
+        store.put("inputs/old.png", io.BytesIO(b"old input"))
+    cutoff = time.time() + 0.5  # everything written so far is older
+    time.sleep(2)  # S3 keeps LastModified to the second
+    for store in stores:
+        store.put("results/young", io.BytesIO(b"young video"))
+        assert store.sweep(cutoff) == 2
+        assert store.open("results/old") is None and store.open("inputs/old.png") is None
+        with store.open("results/young") as young:
+            assert young.read() == b"young video"
