@@ -51,7 +51,7 @@ test: $(VENV)/.test-installed system-deps
 # (BENCH_MODEL=svd-xt on a GPU machine).
 bench: $(VENV)/.test-installed
 	$(PY) bench/run.py overhead.py encoding.py load.py gpu_stages.py hostile.py postprocess.py animatelcm.py \
-		families.py memory.py
+		families.py memory.py result_store.py
 
 # The full-size SVD-XT architecture with random weights (builds 13 GB outside the repository once; ~40 min on
 # 2 CPU cores, 10 GB of RAM): cache_interval through the real service, and a FLOP projection for a GPU.

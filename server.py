@@ -12,6 +12,7 @@ import select
 import socket
 import threading
 import time
+from pathlib import Path
 
 from flask import Blueprint, Flask, current_app, jsonify, request, url_for
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -40,6 +41,7 @@ page = Blueprint("page", __name__, static_folder="static", static_url_path="/sta
 
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/webp")
 WEBHOOK_FIELDS = ("webhook", "webhook_events")
+MODEL_FIELD = "model"  # which served model: picks the queue in a Redis deployment of several models
 IDEMPOTENCY_WAIT = 5.0  # seconds a request waits for the same key's first request to be accepted, then 409
 IMAGE_FIELDS = ("image", "file")
 WAIT_SLICE = 0.5  # seconds between checks that a synchronous client is still connected
@@ -62,12 +64,41 @@ class Service:
         self.decodes = threading.BoundedSemaphore(DECODES_AT_ONCE)
         self.streams = threading.BoundedSemaphore(settings.max_event_streams)
 
-    def served_model(self) -> ModelInfo:
-        """What the deployment serves: the model loaded (or, in a Redis deployment, the one a ready worker reports),
-        else the one MODEL names, else SVD-XT's schema (what a worker with no MODEL loads on a GPU)."""
-        served = self.backend.served_model() or self.configured
-        if served is not None:
-            return served
+    def served_model(self, requested: str | None = None) -> ModelInfo:
+        """The model a request is for: the one it names (`model`), which must be served; else the one MODEL names
+        when it is served, else the only one served (one loaded; in a Redis deployment, every ready worker's);
+        with several and no default, the request must name one. Before any is ready: the one MODEL names, else
+        SVD-XT's schema (what a worker with no MODEL loads on a GPU)."""
+        served = self.backend.served_models()
+        default = self.default_model_name()
+        if requested:
+            if requested in served:
+                return served[requested]
+            if not served and requested == default:
+                return self._before_any_is_ready()
+            if not served:
+                raise errors.ModelNotReady(f"no worker serves a model yet (model={requested!r} asked for); try "
+                                           "again when one is ready", retry_after=10)
+            raise errors.InvalidParameter(f"model must be one of the models served here: {', '.join(sorted(served))} "
+                                      f"(got {requested[:100]!r})", field="model")
+        if not served:
+            return self._before_any_is_ready()
+        if default in served:
+            return served[default]
+        if len(served) == 1:
+            return next(iter(served.values()))
+        raise errors.InvalidParameter(f"several models are served here ({', '.join(sorted(served))}): send `model` to "
+                                  "pick one", field="model")
+
+    def default_model_name(self) -> str | None:
+        """The name MODEL gives the deployment's model (a folder by its own name, never its path), or None."""
+        if self.configured is not None:
+            return self.configured.name
+        return Path(self.settings.svd_model.rstrip("/")).name if self.settings.svd_model else None
+
+    def _before_any_is_ready(self) -> ModelInfo:
+        if self.configured is not None:
+            return self.configured
         if self.settings.redis and self.settings.svd_model:  # a folder or repo only the workers can read
             raise errors.ModelNotReady("no worker has reported the model it serves yet, and this API cannot read "
                                        "the folder or repo MODEL names; try again when a worker is ready",
@@ -169,8 +200,8 @@ def generate():
 
 def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Task:
     """Validate, decode and hand the task to the backend (the caller holds an admission place)."""
-    generation = {k: v for k, v in raw.items() if k not in WEBHOOK_FIELDS}
-    model = service.served_model()
+    generation = {k: v for k, v in raw.items() if k not in (*WEBHOOK_FIELDS, MODEL_FIELD)}
+    model = service.served_model(raw.get(MODEL_FIELD, "").strip() or None)
     params = parse_params(generation, service.schema(model), max_output_frames=service.settings.max_output_frames,
                           defaults=model.defaults, served=model.name)
     webhook = _webhook(service, raw)
@@ -179,7 +210,8 @@ def _submit(service: Service, mode: str, raw: dict[str, str], data: bytes) -> Ta
     with service.decodes, service.telemetry.decode.time():
         image = decode_image(image, service.settings.max_dimension)
     task = Task(task_id=new_task_id(), mode=mode, params=params, webhook=webhook,
-                created_at=service.backend.clock.now(), output_bytes=output_bytes, owner=middleware.tenant())
+                created_at=service.backend.clock.now(), output_bytes=output_bytes, owner=middleware.tenant(),
+                model_name=model.name)
     if service.settings.result_cache and generation.get("seed", "").strip():  # a drawn seed is never repeated
         # Per tenant: a hit must not tell one API key that another made the same request.
         task.cache_key = cache_key(image, resolve_defaults(params, model.defaults, model.family),
@@ -322,12 +354,19 @@ def openapi():
 def params():
     """The generation parameters as this deployment accepts them: what the web page builds its controls from."""
     service = _service()
-    model = service.served_model()
+    requested = request.args.get(MODEL_FIELD, "").strip() or None
+    served = sorted(service.backend.served_models())
+    try:
+        model = service.served_model(requested)
+    except errors.InvalidParameter:
+        if requested:
+            raise
+        model = service.served_model(served[0])  # several and no default: the page shows the first, and a picker
     described = schema(service.schema(model))
     for item in described:  # what "decided by the model" means on this server now, for the page to show
         if item["default"] is None and item["name"] in model.defaults:
             item["effective_default"] = model.defaults[item["name"]]
-    return jsonify({"params": described, "model": model.name, "family": model.family})
+    return jsonify({"params": described, "model": model.name, "family": model.family, "models": served or [model.name]})
 
 
 @page.get("/")

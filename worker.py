@@ -16,7 +16,7 @@ from rq import SimpleWorker
 from config import ConfigError, load_settings
 from video_diffusion.backends.blobs import StoreUnusable
 from video_diffusion.backends.blobs import check_at_start as check_result_store
-from video_diffusion.backends.redis_store import QUEUE_NAME, REDIS_ERRORS, connect
+from video_diffusion.backends.redis_store import QUEUE_NAME, REDIS_ERRORS, connect, queue_name
 from video_diffusion.backends.redis_worker import WorkerRuntime, install_runtime
 from video_diffusion.lifecycle.record import ModelState
 from video_diffusion.telemetry import Telemetry, configure_logging
@@ -87,7 +87,8 @@ def _work(runtime: WorkerRuntime, stop: threading.Event) -> None:
     connection = connect(runtime.settings.redis, blocking=True)  # RQ blocks on the queue for minutes
     while not stop.is_set():
         try:
-            worker = _Worker([QUEUE_NAME], connection=connection)
+            # Its own model's jobs first, then those of tasks an older API queued naming no model.
+            worker = _Worker([queue_name(runtime.generator.model.name), QUEUE_NAME], connection=connection)
             worker.stop_requested = stop
             runtime.rq_worker = worker.name  # the heartbeat names it before RQ can give it a job
             runtime.beat()

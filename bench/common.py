@@ -94,6 +94,7 @@ class Service:
         import os
         import subprocess
 
+        folder.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.output = folder / "videos"

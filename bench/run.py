@@ -20,6 +20,7 @@ BENCHMARKS = [("Service overhead", "overhead.py", []), ("Encoders against diffus
               ("AnimateLCM: UNet work per video", "animatelcm.py", []),
               ("Wan and LTX-Video: transformer work with cache=fast", "families.py", []),
               ("Post-steps: memory against the frames, interpolation against cores", "memory.py", []),
+              ("Result stores: Redis memory and downloads", "result_store.py", []),
               ("Soak: lifecycle and crashes", "soak.py", [])]
 
 

@@ -50,7 +50,9 @@ async function start() {
   const response = await api("params");
   if (response.status === 401) { needsKey = true; askForKey(); return; }
   if (!response.ok) { $("#form-error").textContent = (await errorOf(response)).message; return; }
-  schema = (await response.json()).params;
+  const described = await response.json();
+  schema = described.params;
+  showModels(described.models || [], described.model);
   buildControls(schema);
   $("#key-form").hidden = true;
   $("#app").hidden = false;
@@ -70,6 +72,21 @@ $("#key-form").addEventListener("submit", async (event) => {
   const response = await api("params");
   if (response.status === 401) { askForKey("That key was not accepted."); return; }
   start();
+});
+
+// --- the model, when the server runs several -------------------------------------------------------------
+
+function showModels(models, current) {
+  $("#model").replaceChildren(...models.map((name) =>
+    Object.assign(document.createElement("option"), { value: name, textContent: name, selected: name === current })));
+  $("#model-row").hidden = models.length < 2;
+}
+
+$("#model").addEventListener("change", async () => {
+  const response = await api(`params?model=${encodeURIComponent($("#model").value)}`);
+  if (!response.ok) { $("#form-error").textContent = (await errorOf(response)).message; return; }
+  schema = (await response.json()).params;
+  buildControls(schema);  // that model's own parameters, defaults and ranges
 });
 
 // --- controls, from the parameter schema ----------------------------------------------------------------
@@ -161,6 +178,7 @@ function controls() { return [...document.querySelectorAll("#controls [name], #a
 function settings() {
   const values = {};
   for (const input of controls()) if (input.value.trim() !== "") values[input.name] = input.value.trim();
+  if (!$("#model-row").hidden) values.model = $("#model").value;
   return values;
 }
 

@@ -103,3 +103,21 @@ def test_the_seed_readmes_requirements_path_installs_the_same_pins():
                              "-r", "app/requirements.txt"], cwd=ROOT, capture_output=True, text=True, check=False)
     assert result.returncode == 0, result.stderr
     assert (ROOT / "app" / "requirements.txt").read_text().strip().endswith("-r ../requirements.txt")
+
+
+def test_compose_s3_profile_runs_a_minio_and_hands_the_store_settings_to_api_and_workers():
+    env = {"PATH": "/usr/bin:/bin", "RESULT_STORE": "s3://videos/vd", "S3_ENDPOINT_URL": "http://minio:9000",
+           "AWS_ACCESS_KEY_ID": "vd-user", "AWS_SECRET_ACCESS_KEY": "a-long-test-password"}
+    result = subprocess.run([shutil.which("docker-compose"), "-f", "docker-compose.yml", "--profile", "s3", "config"],
+                            cwd=ROOT, capture_output=True, text=True, check=False, env=env)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["minio"]["environment"] == {"MINIO_ROOT_USER": "vd-user",
+                                                "MINIO_ROOT_PASSWORD": "a-long-test-password"}
+    assert "store/videos" in " ".join(services["minio-bucket"]["command"])
+    for name in ("api", "worker"):
+        environment = services[name]["environment"]
+        assert environment["RESULT_STORE"] == "s3://videos/vd" and environment["S3_ENDPOINT_URL"] == "http://minio:9000"
+        assert environment["AWS_ACCESS_KEY_ID"] == "vd-user" and environment["AWS_REGION"] == "us-east-1"
+    assert config.load_settings({k: v for k, v in env.items() if k in ("RESULT_STORE", "S3_ENDPOINT_URL")},
+                                dotenv_path=None).result_store == "s3://videos/vd"

@@ -248,3 +248,70 @@ def test_the_sweep_deletes_what_outlived_result_ttl_from_either_store(tmp_path, 
         assert store.open("results/old") is None and store.open("inputs/old.png") is None
         with store.open("results/young") as young:
             assert young.read() == b"young video"
+
+
+# --- one API in front of workers for several models --------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory, tiny_model_dir):
+    """One Redis, a worker serving `tiny` (SVD) and one serving `tiny-wan`, sharing a folder store."""
+    from pipeline import save_tiny_pipeline
+
+    folder = tmp_path_factory.mktemp("two-models")
+    wan = folder / "tiny-wan"
+    save_tiny_pipeline(wan, family="wan")
+    (folder / "store").mkdir()
+    server = RedisServer(folder)
+    server.start()
+    env = {"RESULT_STORE": str(folder / "store")}
+    (svd_worker,) = start_worker_processes(folder, tiny_model_dir, server.url, **env)
+    (wan_worker,) = start_worker_processes(folder, wan, server.url, **env)
+    yield server, env, svd_worker, wan_worker
+    for worker in (svd_worker, wan_worker):
+        worker.stop()
+    server.stop()
+
+
+def test_one_api_routes_each_request_to_a_worker_of_the_model_it_names(tmp_path, two_models):
+    server, env, svd_worker, wan_worker = two_models
+    app, client = api(tmp_path, server.url, **env)
+    try:
+        health = client.get("/health").json
+        assert health["workers"] == 2 and health["models"] == {"tiny": 1, "tiny-wan": 1}, health
+
+        unnamed = client.post("/generate", data=upload(image_bytes(), **SMALL))
+        assert unnamed.status_code == 422 and unnamed.json["error"]["field"] == "model"
+        assert "tiny, tiny-wan" in unnamed.json["error"]["message"]
+        unknown = client.post("/generate", data=upload(image_bytes(), model="svd-xt", **SMALL))
+        assert unknown.status_code == 422 and "tiny, tiny-wan" in unknown.json["error"]["message"]
+        # Each model's own schema: Wan takes a prompt and no motion_bucket_id, and its frames are 4k+1.
+        wrong = client.post("/generate", data=upload(image_bytes(), model="tiny-wan", motion_bucket_id="100"))
+        assert wrong.status_code == 422 and wrong.json["error"]["field"] == "motion_bucket_id"
+        assert client.get("/params?model=tiny-wan").json["family"] == "wan"
+        assert client.get("/params?model=tiny").json["family"] == "svd"
+        assert sorted(client.get("/params").json["models"]) == ["tiny", "tiny-wan"]
+
+        wan_task = submit(client, model="tiny-wan", prompt="a red square", width="64", height="64",
+                          num_frames="9", num_inference_steps="2").json["task_id"]
+        svd_task = submit(client, model="tiny", motion_bucket_id="90", **SMALL).json["task_id"]
+        for task_id, worker, frames in ((wan_task, wan_worker, 9), (svd_task, svd_worker, 14)):
+            final = poll(client, task_id, ended)
+            assert final["status"] == "finished", final
+            backend = client.application.extensions["video_diffusion"].backend
+            assert backend.store.load(task_id).worker == worker.name  # run by that model's worker
+            video = client.get(f"/results/{task_id}")
+            assert decode_video(video.data, "mp4")[0].shape[0] == frames
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+def test_with_a_default_model_a_request_without_model_goes_to_it(tmp_path, two_models):
+    server, env, _, wan_worker = two_models
+    app, client = api(tmp_path, server.url, MODEL="tiny-wan", **env)
+    try:
+        task_id = submit(client, prompt="a boat", width="64", height="64", num_frames="9",
+                         num_inference_steps="2").json["task_id"]
+        assert poll(client, task_id, ended)["status"] == "finished"
+        assert client.application.extensions["video_diffusion"].backend.store.load(task_id).worker == wan_worker.name
+    finally:
+        app.extensions["video_diffusion"].backend.stop()

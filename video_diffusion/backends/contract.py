@@ -30,9 +30,9 @@ class Backend(Protocol):
 
     def start(self) -> None: ...
 
-    def served_model(self) -> ModelInfo | None:
-        """The model that runs the tasks (a ready worker's, in Redis mode): its family, defaults and limits;
-        None before one is ready."""
+    def served_models(self) -> dict[str, ModelInfo]:
+        """The models that run tasks now, by name (the loaded one; in Redis mode, each model a ready worker
+        serves): their families, defaults and limits. Empty before one is ready."""
 
     def stop(self) -> None: ...
 

@@ -274,9 +274,9 @@ class EmbeddedBackend:
         for task_id in [t for t in self._queue if queue_timed_out(self._live[t], self.settings.queue_timeout, now)]:
             self._end(self._live[task_id], TaskStatus.FAILED, failure(errors.QueueTimeout))
 
-    def served_model(self) -> ModelInfo | None:
+    def served_models(self) -> dict[str, ModelInfo]:
         generator = self.generator
-        return generator.model if generator is not None else None
+        return {generator.model.name: generator.model} if generator is not None else {}
 
     def metrics(self) -> dict:
         with self._cond:

@@ -74,15 +74,21 @@ class RedisBackend:
         self.outbox = RedisOutbox(self.redis)
         self.idempotency = RedisIdempotency(self.redis, self.clock)
         self.dispatcher = Dispatcher.for_settings(self.outbox, settings, telemetry, self.clock)
-        self._served: tuple[float, ModelInfo | None] = (float("-inf"), None)  # (when read, what the workers serve)
+        # (when read, what the ready workers serve by model name): remembered for SERVED_FOR seconds
+        self._served: tuple[float, dict[str, ModelInfo]] = (float("-inf"), {})
 
     def _workers(self) -> list[dict]:
         """The live workers' heartbeats; what the ready ones serve is remembered for SERVED_FOR seconds, so that
         one request (admission, then validation against the served schema) reads the heartbeats once."""
         workers = self.store.workers()
         ready = [w for w in workers if w["state"] == "ready" and w.get("served")]
-        self._served = (time.monotonic(), ModelInfo.from_public(ready[0]["served"]) if ready else None)
+        self._served = (time.monotonic(), {w["served"]["name"]: ModelInfo.from_public(w["served"]) for w in ready})
         return workers
+
+    def _waiting(self, workers: list[dict]) -> int:
+        """Jobs waiting in every model's queue (and the shared one older APIs used)."""
+        names = {w["served"]["name"] for w in workers if w.get("served")}
+        return self.queue.count + sum(self.store.queue_of(name).count for name in names)
 
     def start(self) -> None:
         if self.store_watch is not None:
@@ -123,7 +129,8 @@ class RedisBackend:
 
     @unavailable_on_redis_errors
     def _capacity(self) -> tuple[ModelState, str, int]:
-        return (*workers_verdict(self._workers()), self.queue.count)
+        workers = self._workers()
+        return (*workers_verdict(workers), self._waiting(workers))
 
     @unavailable_on_redis_errors
     def submit(self, task: Task, image: Image.Image) -> Task:
@@ -148,7 +155,7 @@ class RedisBackend:
             pipe.set(redis_key("task", task.task_id), task.to_json(), ex=self.settings.result_ttl + TOMBSTONE_SECONDS)
             pipe.sadd("vd:queued", task.task_id)
             # RQ's own timeout is a backstop behind the per-step JOB_TIMEOUT check, which fails cleanly.
-            self.queue.enqueue_call(JOB_FUNCTION, args=(task.task_id,), job_id=task.task_id, timeout=self.settings.job_timeout + 60, result_ttl=0,
+            self.store.queue_of(task).enqueue_call(JOB_FUNCTION, args=(task.task_id,), job_id=task.task_id, timeout=self.settings.job_timeout + 60, result_ttl=0,
                                     failure_ttl=self.settings.result_ttl, pipeline=pipe)
             with self._lock:
                 pipe.execute()
@@ -174,7 +181,8 @@ class RedisBackend:
         if task is None:
             return None
         self.store.fail_if_abandoned(task)
-        if queue_timed_out(task, self.settings.queue_timeout, self.clock.now()) and self.queue.remove(task_id):
+        if queue_timed_out(task, self.settings.queue_timeout, self.clock.now()) and \
+                self.store.queue_of(task).remove(task_id):
             self._end_now(task, failure(errors.QueueTimeout))  # LREM: only if no worker took it meanwhile
         if task.status is TaskStatus.FINISHED:
             task.expired = result_expired(task, self.settings.result_ttl, self.clock.now())
@@ -182,7 +190,7 @@ class RedisBackend:
 
     def _end_now(self, task: Task, error: dict) -> None:
         """End a task the API took out of RQ's queue (timed out or canceled): its job is deleted too."""
-        job = self.queue.fetch_job(task.task_id)
+        job = self.store.queue_of(task).fetch_job(task.task_id)
         if job is not None:
             job.delete(remove_from_queue=False)
         status = TaskStatus.CANCELED if error["code"] == errors.TaskCanceled.code else TaskStatus.FAILED
@@ -209,7 +217,8 @@ class RedisBackend:
 
     @unavailable_on_redis_errors
     def queue_position(self, task_id: str) -> int | None:
-        position = self.queue.get_job_position(task_id)
+        task = self.store.load(task_id)
+        position = None if task is None else self.store.queue_of(task).get_job_position(task_id)
         return None if position is None else position + 1
 
     def wait(self, task_id: str, timeout: float) -> Task | None:
@@ -227,25 +236,26 @@ class RedisBackend:
         task = self.get(task_id)
         if task is None or task.status.terminal:
             return task
-        if task.status is TaskStatus.QUEUED and self.queue.remove(task_id):  # LREM: no worker can have it
+        if task.status is TaskStatus.QUEUED and self.store.queue_of(task).remove(task_id):  # LREM: no worker has it
             self._end_now(task, failure(reason))
             return task
         self.redis.set(redis_key("cancel", task_id), reason.code, ex=self.settings.job_timeout + 120)
         return task
 
-    def served_model(self) -> ModelInfo | None:
+    def served_models(self) -> dict[str, ModelInfo]:
         read_at, served = self._served
         if time.monotonic() - read_at < SERVED_FOR:
             return served
         try:
             self._workers()
         except REDIS_ERRORS:
-            return None
+            return {}
         return self._served[1]
 
     def metrics(self) -> dict:
         try:
-            workers, waiting, pending = self._workers(), self.queue.count, self.outbox.pending()
+            workers = self._workers()
+            waiting, pending = self._waiting(workers), self.outbox.pending()
         except REDIS_ERRORS:
             return {"model_ready": 0}
         ready = [w for w in workers if w["state"] == "ready"]
@@ -256,7 +266,8 @@ class RedisBackend:
         components = self.supervisor.states()
         details = {"mode": "redis", "components": component_states(components, self.dispatcher)}
         try:
-            workers, waiting = self._workers(), self.queue.count
+            workers = self._workers()
+            waiting = self._waiting(workers)
         except REDIS_ERRORS as exc:
             log.warning("health: Redis unreachable: %s", exc)
             return Health("unavailable", {**details, "redis": "unreachable"})
@@ -267,7 +278,11 @@ class RedisBackend:
         if store is not None:
             details["result_store"] = store.health()
         ready = [w for w in workers if w["state"] == ModelState.READY.value]
-        details.update(redis="ok", workers=len(ready), workers_not_ready=len(workers) - len(ready),
+        models: dict[str, int] = {}
+        for worker in ready:
+            if worker.get("served"):
+                models[worker["served"]["name"]] = models.get(worker["served"]["name"], 0) + 1
+        details.update(redis="ok", workers=len(ready), models=models, workers_not_ready=len(workers) - len(ready),
                        waiting=waiting, running=sum(1 for w in workers if w.get("task")))
         if ready:
             details.update({k: ready[0][k] for k in ("model", "noise", "device", "dtype")})

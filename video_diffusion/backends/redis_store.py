@@ -51,7 +51,12 @@ from video_diffusion.telemetry import tally
 
 log = logging.getLogger(__name__)
 
-QUEUE_NAME = "video-diffusion"
+QUEUE_NAME = "video-diffusion"  # jobs of tasks that name no model (made by an older API): every worker takes them
+
+
+def queue_name(model: str | None) -> str:
+    """The RQ queue of a model's jobs: each worker takes its own model's (and the shared one)."""
+    return f"{QUEUE_NAME}:{model}" if model else QUEUE_NAME
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # A queued task is checked against RQ's lists only once it is this old: submission writes both in one
 # transaction, so this only guards against clock skew between machines.
@@ -152,6 +157,7 @@ class RedisStore:
         self.clock = clock
         self.blobs = blobs  # RESULT_STORE outside Redis (a shared folder, S3); None: the files live in Redis
         self.queue = Queue(QUEUE_NAME, connection=connection)
+        self._queues: dict[str, Queue] = {QUEUE_NAME: self.queue}
         self._transition = connection.register_script(_TRANSITION)
         # Since when (monotonic) Redis has answered promptly (`watch`); -inf until an outage is seen; None while down.
         self._reachable_since: float | None = float("-inf")
@@ -197,6 +203,14 @@ class RedisStore:
         except REDIS_ERRORS:
             return None
 
+    def queue_of(self, task_or_model: Task | str | None) -> Queue:
+        """The RQ queue a task's job is in (by the model it asked for), or a model's."""
+        model = task_or_model.model_name if isinstance(task_or_model, Task) else task_or_model
+        name = queue_name(model)
+        if name not in self._queues:
+            self._queues[name] = Queue(name, connection=self.redis)
+        return self._queues[name]
+
     def job_lost(self, task: Task) -> bool:
         """Whether a queued task's job is gone from everywhere a worker could still take it up, read through RQ's
         public API in the order RQ moves a job: its queue, the intermediate list it pops jobs into, then the worker
@@ -205,9 +219,10 @@ class RedisStore:
         RQ worker."""
         if task.status is not TaskStatus.QUEUED or self.clock.now() - task.created_at < LOST_JOB_GRACE:
             return False
-        if self.queue.get_job_position(task.task_id) is not None:
+        queue = self.queue_of(task)
+        if queue.get_job_position(task.task_id) is not None:
             return False
-        if task.task_id in self.queue.intermediate_queue.get_job_ids():
+        if task.task_id in queue.intermediate_queue.get_job_ids():
             return False
         try:
             holder = Job.fetch(task.task_id, connection=self.redis).worker_name

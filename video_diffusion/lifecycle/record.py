@@ -111,6 +111,7 @@ class Task:
     webhook: dict[str, Any] | None = None  # {"url", "events"}: called when the task ends (webhooks.py)
     output_bytes: int | None = None  # the video's frames in memory (frames x width x height x 3), estimated at submit
     owner: str | None = None  # the tenant (a digest of the API key) that made it; None without API keys
+    model_name: str | None = None  # the served model it asked for (Redis mode: its queue); None before this field
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "status": self.status.value})
@@ -199,6 +200,7 @@ _SCHEMA: dict[str, tuple[Any, Any]] = {
     "webhook": (_or_none(_webhook), lambda data: None),
     "output_bytes": (_or_none(_count), lambda data: None),
     "owner": (_or_none(_text), lambda data: None),
+    "model_name": (_or_none(_text), lambda data: None),
 }
 DAMAGED = {"code": "storage_error", "message": "the task's stored record was damaged; submit it again"}
 

@@ -95,7 +95,10 @@ def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
         webhook={"type": "string", "format": "uri", "description": "An http(s) URL on a host WEBHOOK_ALLOW lists: "
                  "POSTed the task's status JSON when it ends, signed per Standard Webhooks (docs/async.md)."},
         webhook_events={"type": "string", "enum": ["started", "ended", "started,ended"],
-                        "description": "`started` also calls `webhook` when the task starts."})
+                        "description": "`started` also calls `webhook` when the task starts."},
+        model={"type": "string", "maxLength": 200,
+               "description": "Which of the models this server runs (GET /params lists them in `models`); unset: "
+                              "MODEL's, or the only one served."})
     image = {"type": "string", "format": "binary", "contentMediaType": "application/octet-stream",
              "description": "PNG, JPEG or WebP, recognised by its bytes."}
     query = [{"name": name, "in": "query", "required": False, "schema": schema} for name, schema in fields.items()]
@@ -109,7 +112,7 @@ def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
         "openapi": "3.1.0",
         "servers": [{"url": root or "/"}],
         "info": {"title": "video-diffusion", "version": "1.0.0",
-                 "description": "One image in, a short video out, with Stable Video Diffusion."},
+                 "description": "One image in, a short video out: Stable Video Diffusion, Wan or LTX-Video."},
         "paths": {
             "/generate": {"post": {
                 "summary": "Generate a video from an image (synchronously, or as a task with Prefer: respond-async).",
@@ -132,12 +135,18 @@ def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
                     "schema": {"type": "string"}}}}, **_errors(401, 404, 503)}),
             "/params": {"get": {"operationId": "getParams",
                                 "summary": "The generation parameters, their defaults, ranges and help.",
+                                "parameters": [{"name": "model", "in": "query", "required": False,
+                                                "schema": {"type": "string", "maxLength": 200},
+                                                "description": "Which served model's parameters (default: as for "
+                                                               "/generate)."}],
                                 "responses": {"200": {"description": "The parameter schema.", "content": {JSON: {
-                                    "schema": {"type": "object", "required": ["params", "model", "family"],
+                                    "schema": {"type": "object", "required": ["params", "model", "family", "models"],
                                                "properties": {"params": {"type": "array", "items": _PARAM},
                                                               "model": {"type": "string"},
-                                                              "family": {"type": "string"}}}}}},
-                                    **_errors(401, 503)}}},
+                                                              "family": {"type": "string"},
+                                                              "models": {"type": "array",
+                                                                         "items": {"type": "string"}}}}}}},
+                                    **_errors(401, 422, 503)}}},
             "/results/{task_id}": _task_path("getResults", "A task's video once finished.", {
                 "200": _VIDEO, "202": _json("Task", "Not finished yet."),
                 "307": {"description": "RESULT_REDIRECT with an S3 result store: the video is at `Location`, a "
