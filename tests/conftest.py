@@ -327,3 +327,69 @@ def start_workers(tmp_path, tiny_model_dir, redis_server):
     yield start
     for worker in workers:
         worker.stop()
+
+
+# --- the background lane -------------------------------------------------------------------------------------
+# Checks that only run subprocesses and read what they print (the benchmarks' smoke runs, the fuzzer against a
+# live service, the isolation run) start as soon as the session has collected them, one after another on a
+# thread of their own, beside the in-process tests; each such test then waits for its own job's result. The
+# suite's wall time is then not their sum on top of everything else. A test names its job with
+# `@pytest.mark.lane("<name>")`; a module registers the job with `@lane_job("<name>")`, a function of a folder of
+# its own and the folder of a tiny model saved for the lane.
+LANE_JOBS: dict[str, object] = {}
+_LANE: dict[str, object] = {}
+
+
+def lane_job(name: str):
+    def register(job):
+        LANE_JOBS[name] = job
+        return job
+    return register
+
+
+def pytest_collection_modifyitems(session, config, items):
+    import tempfile
+    import threading
+    from concurrent.futures import Future
+
+    wanted = []
+    for item in items:
+        for mark in item.iter_markers("lane"):
+            if mark.args[0] not in wanted:
+                wanted.append(mark.args[0])
+    if not wanted:
+        return
+    # Their tests last: by then their jobs have long finished.
+    items[:] = [i for i in items if not i.get_closest_marker("lane")] + [i for i in items if i.get_closest_marker("lane")]
+    base = Path(tempfile.mkdtemp(prefix="vd-lane-"))
+    for name in wanted:
+        _LANE[name] = Future()
+
+    def run() -> None:
+        # Saved by a process of its own: the test process's threads stay free for the tests.
+        saved = subprocess.run([sys.executable, "-c", "import sys; from pipeline import save_tiny_pipeline; "
+                                "save_tiny_pipeline(sys.argv[1])", str(base / "tiny-svd")],
+                               cwd=ROOT, env=process_env(), capture_output=True, timeout=300, check=False)
+        for name in wanted:
+            future = _LANE[name]
+            try:
+                if saved.returncode != 0:
+                    raise RuntimeError(f"the lane's tiny model was not saved: {saved.stderr[-2000:]!r}")
+                (base / name).mkdir()
+                future.set_result(LANE_JOBS[name](base / name, base / "tiny-svd"))
+            except BaseException as exc:  # noqa: BLE001 - the waiting test reports it
+                future.set_exception(exc)
+
+    # A daemon thread: an interrupted session does not wait for the lane's last job.
+    threading.Thread(target=run, name="lane", daemon=True).start()
+
+
+def lane_result(name: str, timeout: float = 1800):
+    """The result of the lane job `name`: waited for if it still runs (run now if the lane did not start it)."""
+    if name not in _LANE:
+        import tempfile
+
+        folder = Path(tempfile.mkdtemp(prefix=f"vd-{name}-"))
+        save_tiny_pipeline(folder / "tiny-svd")
+        return LANE_JOBS[name](folder, folder / "tiny-svd")
+    return _LANE[name].result(timeout)

@@ -1,6 +1,6 @@
 """Benchmarks are not tests: these only smoke-run each script on tiny sizes so that none of them rots.
 
-The scripts run two at a time (each mostly waits on its own subprocesses), and each test checks its own output.
+The scripts run one after another in the background lane (conftest.py), and each test checks its own output.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ROOT, SMALL, image_bytes, upload
+from conftest import ROOT, SMALL, image_bytes, lane_job, lane_result, upload
 
 pytestmark = pytest.mark.slow
 
@@ -43,32 +42,28 @@ SCRIPTS = [
 ]
 
 
-AT_ONCE = 3  # scripts running together: each mostly waits on the services it starts
-# One compute thread per script and the services it starts: two scripts at once, each with torch's thread pool
-# spinning on both cores, took 84 s instead of 65. A smoke run checks that a script works, not how fast.
+# One compute thread per script and the services it starts: a smoke run checks that a script works, not how fast,
+# and it runs in the background lane beside the rest of the suite (conftest.py), one script at a time.
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 
 
-@pytest.fixture(scope="module")
-def smoke_runs(tmp_path_factory, tiny_model_dir):
-    """Every script's `--smoke` run, AT_ONCE at a time: script -> (exit code, stdout, stderr). Those that serve the
-    tiny model serve the session's folder (saved by diffusers' `save_pretrained`, as each script would)."""
-    folder = tmp_path_factory.mktemp("bench-smoke")
+@lane_job("bench-smoke")
+def smoke_runs(folder, tiny_model_dir):
+    """Every script's `--smoke` run: script -> (exit code, stdout, stderr). Those that serve the tiny model serve
+    the lane's folder (saved by diffusers' `save_pretrained`, as each script would)."""
     env = {**ONE_THREAD, "BENCH_TINY_MODEL": str(tiny_model_dir)}
-
-    def run(entry):
-        script, extra, _ = entry
+    runs = {}
+    for script, extra, _ in SCRIPTS:
         result = subprocess.run([sys.executable, str(ROOT / "bench" / script), "--smoke", *extra], cwd=folder,
                                 capture_output=True, text=True, timeout=600, check=False, env=env)
-        return (script, *extra), (result.returncode, result.stdout, result.stderr)
-
-    with ThreadPoolExecutor(AT_ONCE) as pool:
-        return dict(pool.map(run, SCRIPTS))
+        runs[(script, *extra)] = (result.returncode, result.stdout, result.stderr)
+    return runs
 
 
+@pytest.mark.lane("bench-smoke")
 @pytest.mark.parametrize("script,extra,needles", SCRIPTS)
-def test_benchmark_runs(smoke_runs, script, extra, needles):
-    code, stdout, stderr = smoke_runs[(script, *extra)]
+def test_benchmark_runs(script, extra, needles):
+    code, stdout, stderr = lane_result("bench-smoke")[(script, *extra)]
     assert code == 0, stderr[-3000:]
     for needle in needles:  # a string, or a pattern where a number varies
         assert needle.search(stdout) if isinstance(needle, re.Pattern) else needle in stdout, stdout

@@ -12,7 +12,7 @@ import hypothesis.strategies as st
 import pytest
 from hypothesis import HealthCheck, given, settings
 
-from conftest import SMALL, Gunicorn, image_bytes, settings_for, upload, wait_ready
+from conftest import SMALL, Gunicorn, image_bytes, lane_job, lane_result, settings_for, upload, wait_ready
 from server import create_app
 
 # Bounded cost: every generation the fuzzer asks for is 64x64 and at most 2 steps, so it answers in well
@@ -20,9 +20,10 @@ from server import create_app
 FUZZ_ENV = {"MAX_DIMENSION": "64", "MAX_STEPS": "2", "MAX_QUEUE": "100000", "SYNC_TIMEOUT": "120"}
 
 
-@pytest.mark.slow
-def test_schemathesis_finds_no_server_error_and_no_departure_from_the_document(tmp_path, tiny_model_dir):
-    server = Gunicorn(tmp_path, {"SVD_MODEL": str(tiny_model_dir), **FUZZ_ENV})
+@lane_job("schemathesis")
+def fuzz_the_live_service(folder, tiny_model_dir):
+    """schemathesis against `make run`'s gunicorn on the tiny model: (exit code, stdout, stderr)."""
+    server = Gunicorn(folder, {"SVD_MODEL": str(tiny_model_dir), **FUZZ_ENV})
     try:
         server.wait_ready()
         # positive_data_acceptance is left out: no schema can say which bytes decode as an image, so
@@ -33,11 +34,18 @@ def test_schemathesis_finds_no_server_error_and_no_departure_from_the_document(t
              # walk, and 20 took 70 s of make test's budget.
              "--max-examples", "10", "--seed", "1", "--workers", "1", "--request-timeout", "150",
              "--exclude-checks", "positive_data_acceptance", "--output-truncate", "true"],
-            cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False)
+            cwd=folder, capture_output=True, text=True, timeout=600, check=False)
     finally:
         server.stop()
-    assert result.returncode == 0, result.stdout[-6000:] + result.stderr[-2000:]
-    assert " passed" in result.stdout
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.lane("schemathesis")
+def test_schemathesis_finds_no_server_error_and_no_departure_from_the_document():
+    code, stdout, stderr = lane_result("schemathesis")
+    assert code == 0, stdout[-6000:] + stderr[-2000:]
+    assert " passed" in stdout
 
 
 def test_the_document_lists_every_route(client):
@@ -50,7 +58,7 @@ def test_the_document_lists_every_route(client):
     assert set(form["properties"]) == {"image", "motion_bucket_id", "fps", "num_frames", "decode_chunk_size",
                                        "num_inference_steps", "noise_aug_strength", "min_guidance_scale",
                                        "max_guidance_scale", "seed", "width", "height", "sizing", "format", "loop",
-                                       "output_fps", "segments", "cache_interval", "webhook", "webhook_events"}
+                                       "output_fps", "segments", "cache_interval", "webhook", "webhook_events", "model"}
     assert form["properties"]["fps"] == {"description": form["properties"]["fps"]["description"], "type": "integer",
                                          "minimum": 1, "maximum": 30, "default": 6}
 

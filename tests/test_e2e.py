@@ -55,6 +55,21 @@ def test_the_seed_curl_call(gunicorn_server, tmp_path):
     assert frames.shape == (25, 144, 256, 3) and fps == 6
 
 
+def test_the_readmes_curl_runs_verbatim(gunicorn_server, tmp_path):
+    """README's "Make a video" command, as a newcomer pastes it (only the port is this test's)."""
+    import re
+    import shlex
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```bash\n(curl -X POST http://localhost:5013/generate [^\n]*)\n```", readme).group(1)
+    (tmp_path / "input.png").write_bytes(image_bytes(size=(320, 240)))
+    argv = shlex.split(command.replace("http://localhost:5013", gunicorn_server.url))
+    result = subprocess.run([*argv, "-sS", "-f"], cwd=tmp_path, capture_output=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    frames, fps = decode_video((tmp_path / "video.mp4").read_bytes(), "mp4")
+    assert frames.shape == (14, 144, 256, 3) and fps == 6  # the tiny model's own frames and size
+
+
 def test_health_reports_the_model_and_says_it_is_noise(gunicorn_server):
     info = health(gunicorn_server)
     assert info["status"] == "ok" and info["device"] == "cpu" and info["dtype"] == "float32"

@@ -9,12 +9,15 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, lane_job, lane_result
 
 pytestmark = pytest.mark.slow
 
 
-def test_a_dotenv_and_environment_settings_do_not_reach_the_tests(tmp_path):
+@lane_job("isolation")
+def run_a_test_in_a_configured_copy(tmp_path, _tiny_model_dir):
+    """A copy of the project with a `.env` and the same settings in the environment, running one real test:
+    (exit code, stdout, stderr)."""
     project = tmp_path / "project"
     shutil.copytree(ROOT, project, ignore=shutil.ignore_patterns(".venv", ".git", "data", "test-output", "__pycache__",
                                                                  ".env"))
@@ -25,5 +28,11 @@ def test_a_dotenv_and_environment_settings_do_not_reach_the_tests(tmp_path):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
          "tests/test_e2e.py::test_demo_script_submits_follows_and_downloads"],
         cwd=project, env=env, capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
-    assert "1 passed" in result.stdout
+    return result.returncode, result.stdout, result.stderr
+
+
+@pytest.mark.lane("isolation")
+def test_a_dotenv_and_environment_settings_do_not_reach_the_tests():
+    code, stdout, stderr = lane_result("isolation")
+    assert code == 0, stdout[-3000:] + stderr[-2000:]
+    assert "1 passed" in stdout

@@ -82,15 +82,23 @@ def s3_deployment(tmp_path_factory, tiny_model_dir, moto):
 
 @pytest.fixture(scope="module")
 def folder_deployment(tmp_path_factory, tiny_model_dir):
+    """Redis, a shared folder store, and two workers: one serving `tiny` (SVD), one `tiny-wan`. The folder tests'
+    APIs name `tiny` as their MODEL (requests without `model` go to it); the routing tests' name none."""
+    from pipeline import save_tiny_pipeline
+
     folder = tmp_path_factory.mktemp("folder-store")
     store = folder / "shared"
     store.mkdir()
+    wan = folder / "tiny-wan"
+    save_tiny_pipeline(wan, family="wan")
     server = RedisServer(folder)
     server.start()
     env = {"RESULT_STORE": str(store)}
-    (worker,) = start_worker_processes(folder, tiny_model_dir, server.url, **env)
-    yield server, env, store
-    worker.stop()
+    (svd_worker,) = start_worker_processes(folder, tiny_model_dir, server.url, **env)
+    (wan_worker,) = start_worker_processes(folder, wan, server.url, **env)
+    yield server, {**env, "MODEL": str(tiny_model_dir)}, store, svd_worker, wan_worker
+    for worker in (svd_worker, wan_worker):
+        worker.stop()
     server.stop()
 
 
@@ -112,7 +120,7 @@ def redis_bytes_of(connection, task_id: str) -> int:
 
 
 def test_a_folder_store_keeps_redis_to_records_and_any_replica_serves_the_video(tmp_path, folder_deployment):
-    server, env, store = folder_deployment
+    server, env, store, _, _ = folder_deployment
     first, first_client = api(tmp_path / "a", server.url, **env)
     second, second_client = api(tmp_path / "b", server.url, **env)
     try:
@@ -138,7 +146,7 @@ def test_a_folder_store_keeps_redis_to_records_and_any_replica_serves_the_video(
 
 
 def test_a_folder_store_that_is_missing_stops_the_api_and_the_worker_with_one_line(tmp_path, folder_deployment):
-    server, _, _ = folder_deployment
+    server = folder_deployment[0]
     env = process_env(REDIS_URL=server.url, RESULT_STORE=str(tmp_path / "not-mounted"), PORT=str(free_port()),
                       HOST="127.0.0.1", VIDEO_OUTPUT_PATH=str(tmp_path / "videos"))
     for command in ([sys.executable, "-m", "gunicorn", "--config", str(ROOT / "gunicorn.conf.py")],
@@ -151,7 +159,7 @@ def test_a_folder_store_that_is_missing_stops_the_api_and_the_worker_with_one_li
 
 def test_videos_stored_in_redis_before_the_switch_are_still_served(tmp_path, folder_deployment):
     """A deployment that moves from RESULT_STORE=redis keeps serving the `vd:result` keys it already has."""
-    server, env, _ = folder_deployment
+    server, env = folder_deployment[:2]
     app, client = api(tmp_path, server.url, **env)
     try:
         task_id = submit(client, **SMALL).json["task_id"]
@@ -252,29 +260,9 @@ def test_the_sweep_deletes_what_outlived_result_ttl_from_either_store(tmp_path, 
 
 # --- one API in front of workers for several models --------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def two_models(tmp_path_factory, tiny_model_dir):
-    """One Redis, a worker serving `tiny` (SVD) and one serving `tiny-wan`, sharing a folder store."""
-    from pipeline import save_tiny_pipeline
-
-    folder = tmp_path_factory.mktemp("two-models")
-    wan = folder / "tiny-wan"
-    save_tiny_pipeline(wan, family="wan")
-    (folder / "store").mkdir()
-    server = RedisServer(folder)
-    server.start()
-    env = {"RESULT_STORE": str(folder / "store")}
-    (svd_worker,) = start_worker_processes(folder, tiny_model_dir, server.url, **env)
-    (wan_worker,) = start_worker_processes(folder, wan, server.url, **env)
-    yield server, env, svd_worker, wan_worker
-    for worker in (svd_worker, wan_worker):
-        worker.stop()
-    server.stop()
-
-
-def test_one_api_routes_each_request_to_a_worker_of_the_model_it_names(tmp_path, two_models):
-    server, env, svd_worker, wan_worker = two_models
-    app, client = api(tmp_path, server.url, **env)
+def test_one_api_routes_each_request_to_a_worker_of_the_model_it_names(tmp_path, folder_deployment):
+    server, env, _, svd_worker, wan_worker = folder_deployment
+    app, client = api(tmp_path, server.url, RESULT_STORE=env["RESULT_STORE"])  # no MODEL: no default
     try:
         health = client.get("/health").json
         assert health["workers"] == 2 and health["models"] == {"tiny": 1, "tiny-wan": 1}, health
@@ -305,9 +293,9 @@ def test_one_api_routes_each_request_to_a_worker_of_the_model_it_names(tmp_path,
         app.extensions["video_diffusion"].backend.stop()
 
 
-def test_with_a_default_model_a_request_without_model_goes_to_it(tmp_path, two_models):
-    server, env, _, wan_worker = two_models
-    app, client = api(tmp_path, server.url, MODEL="tiny-wan", **env)
+def test_with_a_default_model_a_request_without_model_goes_to_it(tmp_path, folder_deployment):
+    server, env, _, _, wan_worker = folder_deployment
+    app, client = api(tmp_path, server.url, **{**env, "MODEL": "tiny-wan"})
     try:
         task_id = submit(client, prompt="a boat", width="64", height="64", num_frames="9",
                          num_inference_steps="2").json["task_id"]
@@ -315,3 +303,99 @@ def test_with_a_default_model_a_request_without_model_goes_to_it(tmp_path, two_m
         assert client.application.extensions["video_diffusion"].backend.store.load(task_id).worker == wan_worker.name
     finally:
         app.extensions["video_diffusion"].backend.stop()
+
+
+def test_a_gunicorn_replica_serves_what_another_accepted(tmp_path, folder_deployment):
+    """Two API processes (gunicorn, and one in this process) on one Redis and one store: either serves the task
+    the other accepted, byte for byte."""
+    from conftest import ready_gunicorn
+
+    server, env = folder_deployment[:2]
+    app, client = api(tmp_path / "in-process", server.url, **env)
+    try:
+        with ready_gunicorn(tmp_path / "gunicorn", {"REDIS_URL": server.url, "WORKER_TTL": "3", **env}) as replica:
+            accepted_here = submit(client, **SMALL).json["task_id"]
+            accepted_there = requests.post(replica.url + "/generate", files={"image": ("i.png", image_bytes())},
+                                           data=SMALL, headers={"Prefer": "respond-async"}, timeout=30).json()["task_id"]
+            for task_id in (accepted_here, accepted_there):
+                assert poll(client, task_id, ended)["status"] == "finished"
+                there = requests.get(f"{replica.url}/results/{task_id}", timeout=30)
+                here = client.get(f"/results/{task_id}")
+                assert there.status_code == here.status_code == 200 and there.content == here.data
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+
+
+def test_a_folder_store_at_max_storage_mb_refuses_new_work(tmp_path, folder_deployment):
+    server, env, store = folder_deployment[:3]
+    filler = store / "results" / ("f" * 32)
+    filler.parent.mkdir(exist_ok=True)
+    filler.write_bytes(b"\0" * (2 << 20))  # 2 MiB of old videos against MAX_STORAGE_MB=1
+    app, client = api(tmp_path, server.url, MAX_STORAGE_MB="1", **env)
+    try:
+        health = client.get("/health")
+        assert health.status_code == 503 and health.json["status"] == "storage_full"
+        assert health.json["result_store"]["stored_bytes"] >= 2 << 20 and health.json["result_store"]["max_bytes"] == 1 << 20
+        refused = client.post("/generate", data=upload(image_bytes(), **SMALL), headers={"Prefer": "respond-async"})
+        assert refused.status_code == 507 and refused.json["error"]["code"] == "storage_full"
+        assert "MAX_STORAGE_MB=1" in refused.json["error"]["message"] and refused.headers["Retry-After"]
+    finally:
+        filler.unlink()
+        app.extensions["video_diffusion"].backend.stop()
+
+
+def test_a_write_that_fails_midway_leaves_nothing_under_the_name(tmp_path, moto, monkeypatch):
+    """Atomic writes, on the real folder and the real S3 server: a reader that breaks mid-upload leaves no
+    object (and no partial file) for a reader to find."""
+    import io
+
+    from video_diffusion.backends.blobs import BlobStoreError, FolderBlobs, S3Blobs
+
+    class Breaks(io.RawIOBase):
+        def __init__(self):
+            self.sent = 0
+
+        def readable(self):
+            return True
+
+        def readinto(self, buffer):
+            if self.sent > 20 << 20:
+                raise OSError("the disk under the encoder went away")
+            buffer[:len(buffer)] = b"\1" * len(buffer)
+            self.sent += len(buffer)
+            return len(buffer)
+
+    for name, value in AWS.items():
+        monkeypatch.setenv(name, value)
+    (tmp_path / "store").mkdir()
+    for store in (FolderBlobs(tmp_path / "store"), S3Blobs("videos", "atomic", endpoint_url=moto.url)):
+        with pytest.raises((BlobStoreError, OSError)):
+            store.put("results/broken", io.BufferedReader(Breaks(), 1 << 20))
+        assert store.open("results/broken") is None
+    assert list((tmp_path / "store").rglob("*partial*")) == []
+    assert not [k for k in moto.keys() if k.startswith("atomic/")]
+
+
+def test_the_page_offers_the_models_and_shows_each_ones_controls(tmp_path, folder_deployment):
+    from playwright.sync_api import expect, sync_playwright
+
+    from conftest import ready_gunicorn
+    from test_page import CHROMIUM_ARGS
+
+    server, env = folder_deployment[:2]
+    with ready_gunicorn(tmp_path, {"REDIS_URL": server.url, "RESULT_STORE": env["RESULT_STORE"]}) as api_server, \
+            sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(api_server.url + "/")
+            picker = page.get_by_label("Model", exact=True)
+            expect(picker).to_be_visible()
+            assert sorted(picker.locator("option").all_inner_texts()) == ["tiny", "tiny-wan"]
+            picker.select_option("tiny-wan")
+            expect(page.get_by_label("Prompt", exact=True)).to_be_visible()  # Wan's own controls
+            expect(page.get_by_label("Motion amount", exact=True)).to_have_count(0)
+            picker.select_option("tiny")
+            expect(page.get_by_label("Motion amount", exact=True)).to_be_visible()
+        finally:
+            browser.close()

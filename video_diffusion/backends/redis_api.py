@@ -10,6 +10,7 @@ from typing import BinaryIO
 
 import redis
 from PIL import Image
+from rq import Queue
 
 from config import Settings
 from video_diffusion.clock import Clock
@@ -18,6 +19,7 @@ from video_diffusion.backends import blobs
 from video_diffusion.backends.blobs import BlobStoreError, StoreWatch, input_name, result_name
 from video_diffusion.backends.contract import Health, Places, component_states, derive_status
 from video_diffusion.backends.redis_store import (
+    QUEUE_NAME,
     REDIS_ERRORS,
     TOMBSTONE_SECONDS,
     RedisIdempotency,
@@ -85,10 +87,11 @@ class RedisBackend:
         self._served = (time.monotonic(), {w["served"]["name"]: ModelInfo.from_public(w["served"]) for w in ready})
         return workers
 
-    def _waiting(self, workers: list[dict]) -> int:
-        """Jobs waiting in every model's queue (and the shared one older APIs used)."""
-        names = {w["served"]["name"] for w in workers if w.get("served")}
-        return self.queue.count + sum(self.store.queue_of(name).count for name in names)
+    def _waiting(self, workers: list[dict] | None = None) -> int:
+        """Jobs waiting in every model's queue, whether or not a worker serves it now (RQ keeps the set of queues
+        that ever had a job), and the shared one older APIs used."""
+        return sum(queue.count for queue in Queue.all(connection=self.redis)
+                   if queue.name == QUEUE_NAME or queue.name.startswith(QUEUE_NAME + ":"))
 
     def start(self) -> None:
         if self.store_watch is not None:

@@ -131,8 +131,13 @@ def build_document(params: tuple[Param, ...], root: str = "") -> dict[str, Any]:
                 "200": _json("Task", "The task."), **_errors(401, 404, 503)}),
             "/status/{task_id}/events": _task_path("getStatusEvents", "Server-Sent Events: a `status` event (the "
                                                    "task as JSON) at every change, until the task ends.", {
-                "200": {"description": "text/event-stream", "content": {"text/event-stream": {
-                    "schema": {"type": "string"}}}}, **_errors(401, 404, 503)}),
+                "200": {"description": "text/event-stream: one `status` event per change; `data` is the task as "
+                                       "JSON (the Task schema).",
+                        "content": {"text/event-stream": {"schema": {  # each event, as schemathesis reads them
+                            "type": "object", "required": ["event", "data"],
+                            "properties": {"event": {"const": "status"},
+                                           "data": {"type": "string", "contentMediaType": JSON}}}}}},
+                **_errors(401, 404, 503)}),
             "/params": {"get": {"operationId": "getParams",
                                 "summary": "The generation parameters, their defaults, ranges and help.",
                                 "parameters": [{"name": "model", "in": "query", "required": False,
