@@ -393,3 +393,18 @@ def lane_result(name: str, timeout: float = 1800):
         save_tiny_pipeline(folder / "tiny-svd")
         return LANE_JOBS[name](folder, folder / "tiny-svd")
     return _LANE[name].result(timeout)
+
+
+def in_lane(test):
+    """Run this test's whole body in the background lane: for a test whose only fixtures are `tmp_path` and
+    `tiny_model_dir` (the lane gives it a folder of its own and the lane's tiny model) and that drives real
+    processes. Its assertions fail the test as usual, when the session reaches it."""
+    name = f"{test.__module__}.{test.__name__}"
+    LANE_JOBS[name] = test
+
+    def waiting():
+        lane_result(name)
+
+    waiting.__name__, waiting.__qualname__, waiting.__doc__ = test.__name__, test.__qualname__, test.__doc__
+    waiting.__module__ = test.__module__
+    return pytest.mark.lane(name)(waiting)

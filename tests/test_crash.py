@@ -11,7 +11,7 @@ import time
 import pytest
 import requests
 
-from conftest import SMALL, Gunicorn, decode_video, image_bytes, start_worker_processes
+from conftest import in_lane, SMALL, Gunicorn, RedisServer, decode_video, image_bytes, start_worker_processes
 
 pytestmark = pytest.mark.slow
 
@@ -67,6 +67,7 @@ def _check_every_task_ended(url: str, accepted: list[str], timeout: float = 120.
     return counts
 
 
+@in_lane
 def test_embedded_sigkill_at_random_points_loses_no_accepted_task(tmp_path, tiny_model_dir):
     env = {"SVD_MODEL": str(tiny_model_dir), "MAX_QUEUE": str(TASKS + 1)}
     server = [Gunicorn(tmp_path / "run-0", {**env, "VIDEO_OUTPUT_PATH": str(tmp_path / "videos")})]
@@ -88,7 +89,10 @@ def test_embedded_sigkill_at_random_points_loses_no_accepted_task(tmp_path, tiny
         server[0].stop()
 
 
-def test_redis_workers_sigkilled_at_random_points_lose_no_accepted_task(tmp_path, tiny_model_dir, redis_server):
+@in_lane
+def test_redis_workers_sigkilled_at_random_points_lose_no_accepted_task(tmp_path, tiny_model_dir):
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
     api = Gunicorn(tmp_path / "api", {"REDIS_URL": redis_server.url, "WORKER_TTL": "3",
                                       "MAX_QUEUE": str(TASKS + 1), "GENERATE_MODE": "async"})
     workers = start_worker_processes(tmp_path, tiny_model_dir, redis_server.url, count=1)
@@ -109,3 +113,4 @@ def test_redis_workers_sigkilled_at_random_points_lose_no_accepted_task(tmp_path
         api.stop()
         for worker in workers:
             worker.stop()
+        redis_server.stop()

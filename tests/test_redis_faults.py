@@ -10,7 +10,7 @@ import time
 import pytest
 
 from video_diffusion.backends import redis_store as redis_backend
-from conftest import SMALL, RedisServer, image_bytes, start_worker_processes, upload
+from conftest import in_lane, SMALL, RedisServer, image_bytes, start_worker_processes, upload
 from video_diffusion.backends.redis_store import RedisStore
 from video_diffusion.lifecycle.record import Task, TaskStatus, new_task_id
 from test_async import ended, poll, running, submit
@@ -69,6 +69,7 @@ def _a_running_task_outlives(tmp_path, tiny_model_dir, server: RedisServer, faul
         server.stop()
 
 
+@in_lane
 def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, tiny_model_dir):
     def restart(server):
         server.stop()  # its data is on disk (appendfsync always)
@@ -79,6 +80,7 @@ def test_redis_restarted_with_its_data_mid_task_the_task_still_ends(tmp_path, ti
                              timeout=90)
 
 
+@in_lane
 def test_redis_paused_longer_than_worker_ttl_fails_no_live_workers_task(tmp_path, tiny_model_dir):
     """Before: Redis SIGSTOPed 20 s with WORKER_TTL=10; the API's reaper failed the task `abandoned` 0.6 s after
     Redis came back, and the worker, alive all along, finished the video and threw it away."""

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from conftest import SMALL, Gunicorn, decode_video, image_bytes
+from conftest import in_lane, SMALL, Gunicorn, decode_video, image_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,7 @@ def status(server, task_id) -> dict:
     return requests.get(f"{server.url}/status/{task_id}", timeout=5).json()
 
 
+@in_lane
 def test_a_crash_mid_task_loses_no_accepted_task(tmp_path, tiny_model_dir):
     env = {"SVD_MODEL": str(tiny_model_dir)}
     first = Gunicorn(tmp_path, env)

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import requests
 
-from conftest import SMALL, Gunicorn, image_bytes
+from conftest import in_lane, SMALL, Gunicorn, image_bytes
 
 pytestmark = pytest.mark.slow
 
@@ -20,6 +20,7 @@ def post(server, prefer, **params):
                          data=params, headers={"Prefer": prefer}, timeout=60)
 
 
+@in_lane
 def test_sigterm_drains_finishes_the_running_task_and_keeps_the_queue(tmp_path, tiny_model_dir):
     env = {"SVD_MODEL": str(tiny_model_dir)}
     server = Gunicorn(tmp_path, env)
@@ -62,6 +63,7 @@ def test_sigterm_drains_finishes_the_running_task_and_keeps_the_queue(tmp_path, 
         restarted.stop()
 
 
+@in_lane
 def test_ctrl_c_drains_like_sigterm_and_a_second_one_stops_at_once_recording_the_task(tmp_path, tiny_model_dir):
     """Before: Ctrl-C (SIGINT to the foreground group) closed the port at once, then waited silently for the
     running generation; some runs aborted (`terminate called without an active exception`); a second Ctrl-C
