@@ -86,16 +86,17 @@ def start_worker(folder: Path, redis_url: str, model: Path, env: dict[str, str])
     raise RuntimeError("the worker did not become ready")
 
 
-def finished_tasks(url: str, count: int) -> list[str]:
+def finished_tasks(url: str, count: int, size: tuple[int, int]) -> list[str]:
     from PIL import Image
 
     picture = io.BytesIO()
-    Image.linear_gradient("L").convert("RGB").resize((256, 144)).save(picture, format="PNG")
+    Image.linear_gradient("L").convert("RGB").resize(size).save(picture, format="PNG")
     ids = []
     for i in range(count):
         response = requests.post(url + "/generate", headers={"Prefer": "respond-async"}, timeout=60,
                                  files={"image": ("in.png", picture.getvalue(), "image/png")},
-                                 data={"format": "frames", "num_inference_steps": "2", "seed": str(100 + i)})
+                                 data={"format": "frames", "num_inference_steps": "2", "seed": str(100 + i),
+                                       "width": str(size[0]), "height": str(size[1])})
         response.raise_for_status()
         ids.append(response.json()["task_id"])
     for task_id in ids:
@@ -110,7 +111,8 @@ def finished_tasks(url: str, count: int) -> list[str]:
     return ids
 
 
-def redis_cost(folder: Path, model: Path, spec: str, extra: dict[str, str], count: int) -> list[object]:
+def redis_cost(folder: Path, model: Path, spec: str, extra: dict[str, str], count: int,
+               sizes: list[tuple[int, int]]) -> list[list[object]]:
     import redis
 
     redis_process, redis_url = start_redis(folder)
@@ -122,14 +124,19 @@ def redis_cost(folder: Path, model: Path, spec: str, extra: dict[str, str], coun
         service = Service(folder / f"api-{time.monotonic_ns()}", {"REDIS_URL": redis_url, **env})
         service.wait_ready()
         connection = redis.Redis.from_url(redis_url)
-        before = connection.info("memory")["used_memory"]
-        ids = finished_tasks(service.url, count)
-        after = connection.info("memory")["used_memory"]
-        per_task = [sum(connection.memory_usage(k) or 0 for k in connection.scan_iter(f"*{task_id}*")) for task_id in ids]
-        video = sum(len(requests.get(f"{service.url}/results/{t}", timeout=60).content) for t in ids) / len(ids)
-        return [spec.split(":")[0] if spec.startswith("s3") else ("folder" if spec.startswith("/") else spec),
-                f"{video / 1e6:.2f} MB", f"{statistics.median(per_task):,.0f} B", f"{(after - before) / count:,.0f} B",
-                "yes" if max(per_task) < 4096 else "no"]
+        finished_tasks(service.url, 1, sizes[0])  # Redis's own first allocations (the stats hash, RQ's sets)
+        rows = []
+        kind = "s3" if spec.startswith("s3") else ("folder" if spec.startswith("/") else spec)
+        for size in sizes:
+            before = connection.info("memory")["used_memory"]
+            ids = finished_tasks(service.url, count, size)
+            after = connection.info("memory")["used_memory"]
+            per_task = [sum(connection.memory_usage(k) or 0 for k in connection.scan_iter(f"*{task_id}*"))
+                        for task_id in ids]
+            video = sum(len(requests.get(f"{service.url}/results/{t}", timeout=60).content) for t in ids) / len(ids)
+            rows.append([kind, f"{size[0]}x{size[1]}", f"{video / 1e6:.2f} MB", f"{statistics.median(per_task):,.0f} B",
+                         f"{(after - before) / count:,.0f} B", "yes" if max(per_task) < 4096 else "no"])
+        return rows
     finally:
         for process in (worker,):
             if process is not None:
@@ -232,17 +239,18 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.update(AWS)
     count, size, repeats = (1, 4 << 20, 1) if args.smoke else (3, 100 << 20, 5)
+    sizes = [(256, 144)] if args.smoke else [(256, 144), (512, 288)]
     folder = Path(tempfile.mkdtemp(prefix="bench-store-"))
     model = tiny_model(folder)
     moto, moto_url = start_moto()
     try:
         (folder / "shared").mkdir()
         stores = [("redis", {}), (str(folder / "shared"), {}), ("s3://bench/vd", {"S3_ENDPOINT_URL": moto_url})]
-        rows = [redis_cost(folder, model, spec, extra, count) for spec, extra in stores]
-        print(f"### Redis bytes per finished task\n\n{count} task(s) per store, each a frames ZIP (256x144, 14 PNGs), "
-              "through a real worker; bytes of every Redis key naming the task (`MEMORY USAGE`), and Redis's "
-              "`used_memory` growth per task.\n\n"
-              + table(["store", "video", "Redis keys per task", "used_memory per task", "< 4 KB"], rows))
+        rows = [row for spec, extra in stores for row in redis_cost(folder, model, spec, extra, count, sizes)]
+        print(f"### Redis bytes per finished task\n\n{count} task(s) per store and size, each a frames ZIP (14 PNGs), "
+              "through a real worker, after one task that pays Redis's first allocations; bytes of every Redis key "
+              "naming the task (`MEMORY USAGE`), and Redis's `used_memory` growth per task.\n\n"
+              + table(["store", "size", "video", "Redis keys per task", "used_memory per task", "< 4 KB"], rows))
         print(f"\n### Time to the first byte of a {size >> 20} MB video\n\n`GET /results/{{id}}` through the API "
               f"(gunicorn, loopback), streamed in 64 KiB chunks; medians of {repeats}. S3 is moto's server on "
               "loopback: a real S3 adds the network.\n\n"

@@ -36,8 +36,8 @@ SCRIPTS = [
     ("full_size.py", [], ["projected A100 time", "| 64x64 | 3 |", "relative frame error"]),
     ("hostile.py", [], ["/health p99 with slow connections", "| PNG 16-bit grey |", "| WebP ("]),
     # Outside Redis, a finished task leaves its record only there: under 4 KB whatever the video
-    ("result_store.py", [], [re.compile(r"\| folder \| [\d.]+ MB \| [\d,]+ B \| -?[\d,]+ B \| yes \|"),
-                             re.compile(r"\| s3 \| [\d.]+ MB \| [\d,]+ B \| -?[\d,]+ B \| yes \|"),
+    ("result_store.py", [], [re.compile(r"\| folder \| 256x144 \| [\d.]+ MB \| [\d,]+ B \| -?[\d,]+ B \| yes \|"),
+                             re.compile(r"\| s3 \| 256x144 \| [\d.]+ MB \| [\d,]+ B \| -?[\d,]+ B \| yes \|"),
                              "`RESULT_STORE=s3` through the API"]),
 ]
 

@@ -15,7 +15,7 @@ import pytest
 import requests
 
 from video_diffusion.lifecycle import record as tasks
-from conftest import GUNICORN, ROOT, SMALL, Gunicorn, image_bytes, settings_for, upload
+from conftest import in_lane, GUNICORN, ROOT, SMALL, Gunicorn, image_bytes, settings_for, upload
 from server import create_app
 from video_diffusion.backends.disk_store import FolderInUse
 from video_diffusion.lifecycle.record import TaskStatus
@@ -179,6 +179,7 @@ def test_one_owner_per_data_folder(make_app, tmp_path, generator):
 
 
 @pytest.mark.slow
+@in_lane
 def test_a_second_service_on_the_same_folder_exits_at_once_naming_it(tmp_path, tiny_model_dir):
     first = Gunicorn(tmp_path / "first", {"SVD_MODEL": str(tiny_model_dir)})
     try:

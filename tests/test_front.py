@@ -17,7 +17,7 @@ import pytest
 import requests
 from PIL import Image
 
-from conftest import SMALL, Gunicorn, image_bytes, ready_gunicorn
+from conftest import in_lane, SMALL, Gunicorn, image_bytes, ready_gunicorn
 from test_async import LONG
 
 pytestmark = pytest.mark.slow
@@ -267,6 +267,7 @@ def _upload_big(server, png: bytes, prefer: str = "respond-async"):
                          headers={"Prefer": prefer}, timeout=120)
 
 
+@in_lane
 def test_big_16_bit_uploads_cost_bounded_memory_in_the_process_that_holds_the_model(tmp_path, tiny_model_dir):
     png = grey16_png()
     assert len(png) < 100_000  # 77 KB of zeros that decode to 6300x6300x2 bytes

@@ -8,7 +8,7 @@ import time
 import pytest
 import redis
 
-from conftest import SMALL, image_bytes, settings_for, start_worker_processes, upload, wait_ready
+from conftest import in_lane, SMALL, image_bytes, settings_for, start_worker_processes, upload, wait_ready
 from server import create_app
 from video_diffusion.lifecycle.record import is_task_id
 from test_postprocess import Recording
@@ -151,6 +151,7 @@ def test_redis_mode_one_task_per_key_across_api_processes_and_restarts(tmp_path,
 
 
 @pytest.mark.slow
+@in_lane
 def test_a_sync_retry_after_losing_redis_gets_the_first_task(tmp_path, tiny_model_dir):
     """The case that asked for keys: a synchronous client got 503 while Redis was down, its task ran on; the retry
     with the same key, once Redis is back with its data, gets that task and no second task exists. (The retry asks

@@ -164,7 +164,10 @@ def test_no_public_body_names_the_redis_host(tmp_path):
         app.extensions["video_diffusion"].backend.stop()
 
 
-def test_a_worker_that_cannot_load_says_what_not_where(tmp_path, tiny_model_dir, redis_server):
+@in_lane
+def test_a_worker_that_cannot_load_says_what_not_where(tmp_path, tiny_model_dir):
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
     secret = tmp_path / "secret-model-store" / "svd"
     (worker,) = start_worker_processes(tmp_path, secret, redis_server.url, wait_for="failed")
     app, client = make_api(tmp_path, redis_server.url)
@@ -178,6 +181,7 @@ def test_a_worker_that_cannot_load_says_what_not_where(tmp_path, tiny_model_dir,
     finally:
         app.extensions["video_diffusion"].backend.stop()
         worker.stop()
+        redis_server.stop()
 
 
 def test_an_edited_redis_record_is_repaired_or_quarantined_never_a_500(api):
