@@ -18,7 +18,7 @@ import pytest
 import standardwebhooks
 
 from video_diffusion.delivery import webhooks
-from conftest import SMALL, image_bytes, settings_for, upload, wait_ready
+from conftest import SMALL, image_bytes, in_lane, settings_for, upload, wait_ready
 from server import create_app
 
 SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef-test-key").decode()
@@ -273,38 +273,52 @@ def test_a_cache_hit_calls_its_webhook_too(make_app, receivers):
 
 
 @pytest.mark.slow
-def test_redis_mode_deliveries_retry_and_survive_restarts(tmp_path, tiny_model_dir, redis_server, receivers):
+@in_lane
+def test_redis_mode_deliveries_retry_and_survive_restarts(tmp_path, tiny_model_dir):
     """The worker's end puts the delivery in Redis in the same step; any API or worker sends it."""
-    from conftest import start_worker_processes
+    from conftest import RedisServer, start_worker_processes
 
-    receiver = receivers(statuses=(500,))
-    env = {"WEBHOOK_ALLOW": f"127.0.0.1:{receiver.port}", "WEBHOOK_SECRET": SECRET}
-    (worker,) = start_worker_processes(tmp_path, tiny_model_dir, redis_server.url, **env)
-    api = create_app(settings_for(tmp_path / "api", REDIS_URL=redis_server.url, WORKER_TTL="3", **env))
-    try:
-        client = api.test_client()
-        task_id = submit(client, receiver.url)
-        status = finished(client, task_id)
-        first, second = receiver.wait_for(2, timeout=20)
-        assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"] == f"msg_{task_id}_ended"
-        assert verify(SECRET, second["headers"], second["body"]) and json.loads(second["body"]) == status
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    made: list[Receiver] = []
 
-        port = receiver.port
-        receiver.close()  # nobody listens; the next delivery waits in Redis
-        task_id = submit(client, f"http://127.0.0.1:{port}/hook")
-        finished(client, task_id)
-        time.sleep(1.5)  # its first attempt fails
-    finally:
-        api.extensions["video_diffusion"].backend.stop()
-        worker.stop()
-    back = receivers(port=port)
-    again = create_app(settings_for(tmp_path / "api-2", REDIS_URL=redis_server.url, WORKER_TTL="3",
-                                    WEBHOOK_ALLOW=f"127.0.0.1:{port}", WEBHOOK_SECRET=SECRET))
+    def receivers(**kwargs) -> Receiver:
+        made.append(Receiver(**kwargs))
+        return made[-1]
+
     try:
-        (delivery,) = back.wait_for(1, timeout=20)
-        assert delivery["headers"]["webhook-id"] == f"msg_{task_id}_ended"
+        receiver = receivers(statuses=(500,))
+        env = {"WEBHOOK_ALLOW": f"127.0.0.1:{receiver.port}", "WEBHOOK_SECRET": SECRET}
+        (worker,) = start_worker_processes(tmp_path, tiny_model_dir, redis_server.url, **env)
+        api = create_app(settings_for(tmp_path / "api", REDIS_URL=redis_server.url, WORKER_TTL="3", **env))
+        try:
+            client = api.test_client()
+            task_id = submit(client, receiver.url)
+            status = finished(client, task_id)
+            first, second = receiver.wait_for(2, timeout=20)
+            assert first["headers"]["webhook-id"] == second["headers"]["webhook-id"] == f"msg_{task_id}_ended"
+            assert verify(SECRET, second["headers"], second["body"]) and json.loads(second["body"]) == status
+
+            port = receiver.port
+            receiver.close()  # nobody listens; the next delivery waits in Redis
+            task_id = submit(client, f"http://127.0.0.1:{port}/hook")
+            finished(client, task_id)
+            time.sleep(1.5)  # its first attempt fails
+        finally:
+            api.extensions["video_diffusion"].backend.stop()
+            worker.stop()
+        back = receivers(port=port)
+        again = create_app(settings_for(tmp_path / "api-2", REDIS_URL=redis_server.url, WORKER_TTL="3",
+                                        WEBHOOK_ALLOW=f"127.0.0.1:{port}", WEBHOOK_SECRET=SECRET))
+        try:
+            (delivery,) = back.wait_for(1, timeout=20)
+            assert delivery["headers"]["webhook-id"] == f"msg_{task_id}_ended"
+        finally:
+            again.extensions["video_diffusion"].backend.stop()
     finally:
-        again.extensions["video_diffusion"].backend.stop()
+        for receiver in made:
+            receiver.close()
+        redis_server.stop()
 
 
 def test_a_failed_claim_does_not_stop_later_deliveries(tmp_path, receivers):

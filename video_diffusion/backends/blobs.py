@@ -281,19 +281,11 @@ class S3Blobs:
                     "ResponseContentDisposition": f"attachment; filename={filename}"})
 
 
-class _Counting(io.RawIOBase):
-    """A reader that counts what passes through it."""
-
-    def __init__(self, source: BinaryIO):
-        self.source, self.count = source, 0
+class _Reader(io.RawIOBase):
+    """A raw reader whose subclasses implement `read`; `readinto` (what buffered readers call) goes through it."""
 
     def readable(self) -> bool:
         return True
-
-    def read(self, size: int = -1) -> bytes:
-        data = self.source.read(size)
-        self.count += len(data)
-        return data
 
     def readinto(self, buffer) -> int:
         data = self.read(len(buffer))
@@ -301,16 +293,25 @@ class _Counting(io.RawIOBase):
         return len(data)
 
 
-class _S3Reader(io.RawIOBase):
+class _Counting(_Reader):
+    """A reader that counts what passes through it."""
+
+    def __init__(self, source: BinaryIO):
+        self.source, self.count = source, 0
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.source.read(size)
+        self.count += len(data)
+        return data
+
+
+class _S3Reader(_Reader):
     """An S3 object as a seekable stream: each read continues one ranged GET; a seek starts another one. Pinned to
     the object's ETag, so an object replaced mid-read is an error, never a mix of two videos."""
 
     def __init__(self, store: S3Blobs, key: str, size: int, etag: str | None):
         self.store, self.key, self.size, self.etag = store, key, size, etag
         self.position, self.body = 0, None
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -346,11 +347,6 @@ class _S3Reader(io.RawIOBase):
             raise self.store._failed("read", self.key, exc) from None
         self.position += len(data)
         return data
-
-    def readinto(self, buffer) -> int:
-        data = self.read(len(buffer))
-        buffer[:len(data)] = data
-        return len(data)
 
     def close(self) -> None:
         self._drop()
