@@ -87,7 +87,7 @@ class RedisBackend:
         self._served = (time.monotonic(), {w["served"]["name"]: ModelInfo.from_public(w["served"]) for w in ready})
         return workers
 
-    def _waiting(self, workers: list[dict] | None = None) -> int:
+    def _waiting(self) -> int:
         """Jobs waiting in every model's queue, whether or not a worker serves it now (RQ keeps the set of queues
         that ever had a job), and the shared one older APIs used."""
         return sum(queue.count for queue in Queue.all(connection=self.redis)
@@ -133,7 +133,7 @@ class RedisBackend:
     @unavailable_on_redis_errors
     def _capacity(self) -> tuple[ModelState, str, int]:
         workers = self._workers()
-        return (*workers_verdict(workers), self._waiting(workers))
+        return (*workers_verdict(workers), self._waiting())
 
     @unavailable_on_redis_errors
     def submit(self, task: Task, image: Image.Image) -> Task:
@@ -258,7 +258,7 @@ class RedisBackend:
     def metrics(self) -> dict:
         try:
             workers = self._workers()
-            waiting, pending = self._waiting(workers), self.outbox.pending()
+            waiting, pending = self._waiting(), self.outbox.pending()
         except REDIS_ERRORS:
             return {"model_ready": 0}
         ready = [w for w in workers if w["state"] == "ready"]
@@ -270,7 +270,7 @@ class RedisBackend:
         details = {"mode": "redis", "components": component_states(components, self.dispatcher)}
         try:
             workers = self._workers()
-            waiting = self._waiting(workers)
+            waiting = self._waiting()
         except REDIS_ERRORS as exc:
             log.warning("health: Redis unreachable: %s", exc)
             return Health("unavailable", {**details, "redis": "unreachable"})
