@@ -17,7 +17,7 @@ import pytest
 import redis
 import requests
 
-from conftest import (ROOT, SMALL, RedisServer, SteppedClock, decode_video, image_bytes, promtool_problems, settings_for,
+from conftest import (ROOT, SMALL, RedisServer, in_lane, SteppedClock, decode_video, image_bytes, promtool_problems, settings_for,
                       start_worker_processes, upload)
 from server import create_app
 from test_async import LONG, ended, poll, running, submit
@@ -205,39 +205,49 @@ def test_cancel_queued_and_running_and_expiry(tmp_path, shared):
     app.extensions["video_diffusion"].backend.stop()
 
 
-def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(own_api, start_workers, redis_server):
-    api = own_api
-    workers = start_workers(2, WORKER_METRICS_PORT="0", HOST="127.0.0.1")
-    # Two workers on one host, each on a free metrics port its heartbeat names.
-    connection = redis.Redis.from_url(redis_server.url)
-    ports = [json.loads(w.find_heartbeat(connection))["metrics_port"] for w in workers]
-    assert len(set(ports)) == 2 and 0 not in ports
-    for port in ports:
-        assert "video_diffusion_model_ready 1.0" in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
-    task_id = submit(api, **LONG).json["task_id"]
-    poll(api, task_id, running)
-    victim = next(w for w in workers if w.name == _worker_of(api, task_id))
-    os.kill(victim.process.pid, signal.SIGKILL)
-    killed_at = time.monotonic()
-    final = poll(api, task_id, ended, timeout=15)
-    assert final["status"] == "failed" and final["error"]["code"] == "abandoned"
-    assert time.monotonic() - killed_at < 3 + 2  # WORKER_TTL=3 plus a poll
+@in_lane
+def test_a_killed_worker_fails_its_task_and_sigterm_lets_a_job_finish(tmp_path, tiny_model_dir):
+    redis_server = RedisServer(tmp_path)
+    redis_server.start()
+    app, api = make_api(tmp_path, redis_server.url)
+    workers = start_worker_processes(tmp_path, tiny_model_dir, redis_server.url, 2, WORKER_METRICS_PORT="0",
+                                     HOST="127.0.0.1")
+    try:
+        # Two workers on one host, each on a free metrics port its heartbeat names.
+        connection = redis.Redis.from_url(redis_server.url)
+        ports = [json.loads(w.find_heartbeat(connection))["metrics_port"] for w in workers]
+        assert len(set(ports)) == 2 and 0 not in ports
+        for port in ports:
+            assert "video_diffusion_model_ready 1.0" in requests.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+        task_id = submit(api, **LONG).json["task_id"]
+        poll(api, task_id, running)
+        victim = next(w for w in workers if w.name == _worker_of(api, task_id))
+        os.kill(victim.process.pid, signal.SIGKILL)
+        killed_at = time.monotonic()
+        final = poll(api, task_id, ended, timeout=15)
+        assert final["status"] == "failed" and final["error"]["code"] == "abandoned"
+        assert time.monotonic() - killed_at < 3 + 2  # WORKER_TTL=3 plus a poll
 
-    # The other worker carries on; SIGTERM while it runs a job lets that job finish, then it exits.
-    (survivor,) = [w for w in workers if w is not victim]
-    task_id = submit(api, **dict(SMALL, num_inference_steps=40)).json["task_id"]
-    poll(api, task_id, running)
-    assert _worker_of(api, task_id) == survivor.name
-    survivor.process.send_signal(signal.SIGTERM)
-    final = poll(api, task_id, ended, timeout=60)
-    assert final["status"] == "finished", final
-    assert survivor.process.wait(30) == 0
-    assert api.get(f"/results/{task_id}").status_code == 200
-    # One scrape of the API counts both: the task a worker finished, and the one the reaper failed.
-    metrics = api.get("/metrics").get_data(as_text=True)
-    assert sample(metrics, "video_diffusion_tasks_completed_total") == 1
-    assert sample(metrics, 'video_diffusion_tasks_failed_total{code="abandoned"}') == 1
-    assert sample(metrics, "video_diffusion_queue_wait_seconds_count") == 2
+        # The other worker carries on; SIGTERM while it runs a job lets that job finish, then it exits.
+        (survivor,) = [w for w in workers if w is not victim]
+        task_id = submit(api, **dict(SMALL, num_inference_steps=40)).json["task_id"]
+        poll(api, task_id, running)
+        assert _worker_of(api, task_id) == survivor.name
+        survivor.process.send_signal(signal.SIGTERM)
+        final = poll(api, task_id, ended, timeout=60)
+        assert final["status"] == "finished", final
+        assert survivor.process.wait(30) == 0
+        assert api.get(f"/results/{task_id}").status_code == 200
+        # One scrape of the API counts both: the task a worker finished, and the one the reaper failed.
+        metrics = api.get("/metrics").get_data(as_text=True)
+        assert sample(metrics, "video_diffusion_tasks_completed_total") == 1
+        assert sample(metrics, 'video_diffusion_tasks_failed_total{code="abandoned"}') == 1
+        assert sample(metrics, "video_diffusion_queue_wait_seconds_count") == 2
+    finally:
+        app.extensions["video_diffusion"].backend.stop()
+        for worker in workers:
+            worker.stop()
+        redis_server.stop()
 
 
 def _worker_of(client, task_id) -> str:
