@@ -77,10 +77,10 @@ class Service:
             if not served and requested == default:
                 return self._before_any_is_ready()
             if not served:
-                raise errors.ModelNotReady(f"no worker serves a model yet (model={requested!r} asked for); try "
-                                           "again when one is ready", retry_after=10)
+                raise errors.ModelNotReady("no model is ready yet to serve the one asked for; try again when one "
+                                           "is", retry_after=10)
             raise errors.InvalidParameter(f"model must be one of the models served here: {', '.join(sorted(served))} "
-                                      f"(got {requested[:100]!r})", field="model")
+                                          f"(got \"{requested[:100]}\")", field="model")
         if not served:
             return self._before_any_is_ready()
         if default in served:
@@ -88,7 +88,7 @@ class Service:
         if len(served) == 1:
             return next(iter(served.values()))
         raise errors.InvalidParameter(f"several models are served here ({', '.join(sorted(served))}): send `model` to "
-                                  "pick one", field="model")
+                                      "pick one", field="model")
 
     def default_model_name(self) -> str | None:
         """The name MODEL gives the deployment's model (a folder by its own name, never its path), or None."""

@@ -197,6 +197,11 @@ def test_an_s3_store_streams_redirects_and_deletes_inputs(tmp_path, s3_deploymen
         assert fetched.status_code == 200 and fetched.content == video.data
         assert fetched.headers["Content-Disposition"] == f"attachment; filename={task_id}.webm"
         assert redirect_client.get(f"/results/{task_id}", headers={"Accept": "application/json"}).status_code == 200
+        # A video kept in Redis from before the store moved: served by the API, not redirected to nothing.
+        redis.Redis.from_url(server.url).set(f"vd:result:{task_id}", video.data)
+        moto.client().delete_object(Bucket="videos", Key=f"vd/results/{task_id}")
+        legacy = redirect_client.get(f"/results/{task_id}")
+        assert legacy.status_code == 200 and legacy.data == video.data
     finally:
         for one in (app, redirecting):
             one.extensions["video_diffusion"].backend.stop()

@@ -215,8 +215,15 @@ class RedisBackend:
         """With RESULT_REDIRECT and an S3 store, a presigned URL of the video (valid REDIRECT_SECONDS)."""
         if not self.settings.result_redirect or self.blobs is None or task.expired:
             return None
-        return self.blobs.presigned_url(result_name(task.cached_from or task.task_id), REDIRECT_SECONDS,
-                                        task.result["filename"], task.result["content_type"])
+        name = result_name(task.cached_from or task.task_id)
+        try:
+            stored = self.blobs.open(name)  # a video kept in Redis from before the store moved is served here
+        except BlobStoreError as exc:
+            raise errors.StorageUnavailable(f"{exc}; try again shortly", retry_after=30) from None
+        if stored is None:
+            return None
+        stored.close()
+        return self.blobs.presigned_url(name, REDIRECT_SECONDS, task.result["filename"], task.result["content_type"])
 
     @unavailable_on_redis_errors
     def queue_position(self, task_id: str) -> int | None:

@@ -182,6 +182,7 @@ class WorkerRuntime:
                 with open(out, "rb") as video:
                     self.blobs.put(result_name(task.task_id), video)
             except BlobStoreError as exc:
+                task.result = None  # no video to describe: it is nowhere a reader could find it
                 return TaskStatus.FAILED, {"code": errors.StorageFull.code, "message": str(exc)}, b""
         return status, error, b""
 
