@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 from urllib.parse import urlsplit
 
+from video_diffusion.backends.storage import check_max_storage
+from video_diffusion.errors import StorageUnavailable
+
 log = logging.getLogger(__name__)
 
 
@@ -396,13 +399,9 @@ class StoreWatch:
             self.check()
 
     def admit(self, estimate: int) -> None:
-        from video_diffusion.errors import StorageBudget, StorageUnavailable
-
         if self.state == "storage_unavailable":
             raise StorageUnavailable(f"{self.reason}; try again shortly", retry_after=30)
-        if self.max_bytes is not None and self.stored + estimate > self.max_bytes:
-            raise StorageBudget(f"the stored videos would pass MAX_STORAGE_MB={self.max_bytes // 2**20}; try again "
-                                "when older videos expire", retry_after=60)
+        check_max_storage(self.max_bytes, self.stored, estimate)
 
     def health(self) -> dict:
         body = {"kind": self.store.kind, "state": self.state}

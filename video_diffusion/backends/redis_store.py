@@ -57,6 +57,8 @@ QUEUE_NAME = "video-diffusion"  # jobs of tasks that name no model (made by an o
 def queue_name(model: str | None) -> str:
     """The RQ queue of a model's jobs: each worker takes its own model's (and the shared one)."""
     return f"{QUEUE_NAME}:{model}" if model else QUEUE_NAME
+
+
 REDIS_ERRORS = (redis.ConnectionError, redis.TimeoutError)
 # A queued task is checked against RQ's lists only once it is this old: submission writes both in one
 # transaction, so this only guards against clock skew between machines.

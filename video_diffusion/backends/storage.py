@@ -121,10 +121,7 @@ class Storage:
                 raise StorageBudget(f"the disk is nearly full: this request needs about {_mb(estimate)} MB and the "
                                     f"server keeps MIN_FREE_DISK_MB={self.min_free_bytes // 2**20} free; try again "
                                     "later", retry_after=60)
-            if self.max_bytes is not None and self.used + reserved + estimate > self.max_bytes:
-                raise StorageBudget(f"the stored videos would pass MAX_STORAGE_MB={self.max_bytes // 2**20} (this "
-                                    f"request needs about {_mb(estimate)} MB); try again when older videos expire",
-                                    retry_after=60)
+            check_max_storage(self.max_bytes, self.used + reserved, estimate)
 
     def reserve(self, task_id: str, estimate: int) -> None:
         with self._lock:
@@ -161,6 +158,14 @@ def files_estimate(task, image=None) -> int:
     yet (a PNG of the decoded image is at most about its raw size)."""
     video = int((task.output_bytes or 0) * FORMATS[task.params.get("format", "mp4")].worst_ratio)
     return video + (image.width * image.height * 3 if image is not None else 0)
+
+
+def check_max_storage(max_bytes: int | None, stored: int, estimate: int) -> None:
+    """MAX_STORAGE_MB at admission, for the data folder and for a folder result store alike: StorageBudget when
+    what is stored (and held for admitted tasks) plus this request's estimated files would pass it."""
+    if max_bytes is not None and stored + estimate > max_bytes:
+        raise StorageBudget(f"the stored videos would pass MAX_STORAGE_MB={max_bytes // 2**20} (this request needs "
+                            f"about {_mb(estimate)} MB); try again when older videos expire", retry_after=60)
 
 
 def _mb(count: int) -> str:

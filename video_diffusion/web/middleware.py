@@ -34,7 +34,7 @@ def init_app(app: Flask) -> None:
     app.before_request(_before_request)
     app.after_request(_after_request)
     app.register_error_handler(errors.ServiceError, service_error)
-    app.register_error_handler(HTTPException, _http_error)
+    app.register_error_handler(HTTPException, http_error)
     app.register_error_handler(Exception, _unexpected_error)
 
 
@@ -157,7 +157,8 @@ _HTTP_CODES = {400: errors.BadRequest, 404: errors.NotFound, 405: errors.MethodN
                413: errors.PayloadTooLarge, 415: errors.UnsupportedMediaType}
 
 
-def _http_error(exc: HTTPException):
+def http_error(exc: HTTPException):
+    """werkzeug's HTTP errors (404, 405, 413, ...) as the service's JSON errors, keeping their headers (`Allow`)."""
     if exc.code == 413:
         message = (f"the request is larger than MAX_UPLOAD_MB={_settings().max_upload_mb} MiB "
                    "or has too many form parts")

@@ -43,29 +43,14 @@ def video_response(task: Task):
     if task.status is not TaskStatus.FINISHED:
         raise errors.from_code(task.error["code"], task.error["message"])
     content_type = task.result["content_type"]
-    if not _wants_json(content_type) and (url := _service().backend.result_url(task)) is not None:
+    wants_json = _wants_json(content_type)
+    url = None if wants_json else _service().backend.result_url(task)
+    if url is not None:
         response = redirect(url, 307)  # RESULT_REDIRECT: the store serves the bytes, for a few minutes
-        response.vary.add("Accept")
-        response.headers.update({"X-Task-Id": task.task_id, "X-Seed": str(task.params["seed"]), "X-Model": task.model,
-                                 "Cache-Control": "no-store"})
+        response.headers["Cache-Control"] = "no-store"
         g.absolute_location = True  # the store's own URL, not one made from the request's Host
-        return response
-    video = _service().backend.result(task)
-    if video is None:
-        raise errors.ResultExpired(f"the video was deleted RESULT_TTL={_service().settings.result_ttl} s after it "
-                                   "was made")
-    size = video.seek(0, io.SEEK_END)
-    video.seek(0)
-    if _wants_json(content_type):
-        response = _json_video(task, video, size)
     else:
-        # Ranges and validators from what the record knows, whatever the stream is (a file, Redis bytes, an S3
-        # object): send_file itself only knows the size of a path or a BytesIO.
-        response = send_file(video, mimetype=content_type, as_attachment=True,
-                             download_name=task.result["filename"], max_age=0, conditional=False, etag=False)
-        response.content_length = size
-        response.set_etag(f"{task.cached_from or task.task_id}-{size}")
-        response = response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
+        response = _stored_video(task, content_type, wants_json)
     response.vary.add("Accept")
     timings = task.timings
     response.headers.update({
@@ -77,6 +62,25 @@ def video_response(task: Task):
                                     ("postprocess", "postprocessing"), ("encode", "encoding"))),
     })
     return response
+
+
+def _stored_video(task: Task, content_type: str, wants_json: bool):
+    """The video streamed from where the backend keeps it, or as base64 in JSON."""
+    video = _service().backend.result(task)
+    if video is None:
+        raise errors.ResultExpired(f"the video was deleted RESULT_TTL={_service().settings.result_ttl} s after it "
+                                   "was made")
+    size = video.seek(0, io.SEEK_END)
+    video.seek(0)
+    if wants_json:
+        return _json_video(task, video, size)
+    # Ranges and validators from what the record knows, whatever the stream is (a file, Redis bytes, an S3
+    # object): send_file itself only knows the size of a path or a BytesIO.
+    response = send_file(video, mimetype=content_type, as_attachment=True, download_name=task.result["filename"],
+                         max_age=0, conditional=False, etag=False)
+    response.content_length = size
+    response.set_etag(f"{task.cached_from or task.task_id}-{size}")
+    return response.make_conditional(request.environ, accept_ranges=True, complete_length=size)
 
 
 def _wants_json(content_type: str) -> bool:

@@ -18,7 +18,7 @@ from werkzeug.exceptions import HTTPException
 
 from config import Settings
 from video_diffusion import errors
-from video_diffusion.web.middleware import KEY_NEEDED, key_accepted, presented_key, service_error
+from video_diffusion.web.middleware import KEY_NEEDED, http_error, key_accepted, presented_key, service_error
 
 log = logging.getLogger(__name__)
 
@@ -61,19 +61,8 @@ def metrics_app(settings: Settings, registry: CollectorRegistry) -> Flask:
     def livez():
         return jsonify(status="ok")
 
-    app.register_error_handler(errors.ServiceError, service_error)
-
-    @app.errorhandler(HTTPException)
-    def http_error(exc: HTTPException):
-        known = {404: errors.NotFound("no such path: this is a worker's metrics server (GET /metrics, /livez)"),
-                 405: errors.MethodNotAllowed("use GET or HEAD")}
-        response = service_error(known.get(exc.code) or errors.BadRequest(exc.description or exc.name))
-        response.status_code = exc.code
-        for name, value in exc.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
-
+    app.register_error_handler(errors.ServiceError, service_error)  # the API's JSON errors, `Allow` kept
+    app.register_error_handler(HTTPException, http_error)
     return app
 
 
